@@ -1,0 +1,137 @@
+"""
+Token shards on disk -> (x, y) batches. A data directory holds meta.json and either
+<name>_train_000001.npy ... / <name>_val_000000.npy shards or train.bin / val.bin memmaps.
+Batches are sequential and per rank: rank r of w reads its B*T slice of each global step, so every token
+is seen once per epoch and the position (shard, offset) is all a checkpoint needs to resume exactly,
+on any number of ranks. Also here: get_tokenizer, since meta.json names the tokenizer.
+"""
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    """Bad data on disk; the message is one line that names the file and the fix."""
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isdir(data_dir):
+        raise DataError(f"data_dir {data_dir} does not exist: prepare data with prepare_fineweb.py or set --data_dir")
+    if not os.path.exists(path):
+        raise DataError(f"{path} is missing: every data_dir needs one (prepare_fineweb.py writes it)")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}): rewrite it or prepare the data again")
+    for key in ("vocab_size", "dtype"):
+        if key not in meta:
+            raise DataError(f"{path} has no '{key}': add it or prepare the data again")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{path}: dtype {meta['dtype']!r} is not uint16 or uint32")
+    if meta["dtype"] == "uint16" and meta["vocab_size"] > 65536:
+        raise DataError(f"{path}: vocab_size {meta['vocab_size']} does not fit dtype uint16: tokens must be uint32")
+    return meta
+
+
+def check_vocab(meta, data_dir, vocab_size):
+    if meta["vocab_size"] > vocab_size:
+        raise DataError(f"{data_dir}/meta.json: the data's vocab_size {meta['vocab_size']} is larger than the "
+                        f"model's vocab_size {vocab_size}: set --vocab_size={meta['vocab_size']} (or more)")
+
+
+def split_files(data_dir, split):
+    files = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
+    if not files and os.path.exists(os.path.join(data_dir, f"{split}.bin")):
+        files = [os.path.join(data_dir, f"{split}.bin")]
+    if not files:
+        raise DataError(f"{data_dir} has no {split} split: expected *_{split}_*.npy shards or {split}.bin")
+    return files
+
+
+def open_tokens(path, dtype):
+    """A read-only memmap of one shard, checked against meta's dtype."""
+    try:
+        if path.endswith(".bin"):
+            size = os.path.getsize(path)
+            if size % np.dtype(dtype).itemsize:
+                raise DataError(f"{path} is truncated: {size} bytes is not a whole number of {dtype} tokens")
+            if size == 0:
+                raise DataError(f"{path} is empty: prepare the data again")
+            return np.memmap(path, dtype=dtype, mode="r")
+        arr = np.load(path, mmap_mode="r")
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path} is truncated or not a .npy file ({e}): delete it and prepare the data again")
+    if arr.dtype != np.dtype(dtype):
+        raise DataError(f"{path} holds {arr.dtype} tokens but meta.json says {dtype}: prepare the data again")
+    if arr.ndim != 1 or arr.size == 0:
+        raise DataError(f"{path} is empty or not 1-D: prepare the data again")
+    return arr
+
+
+class DataLoader:
+    def __init__(self, data_dir, split, batch_size, block_size, rank=0, world_size=1, vocab_size=None):
+        self.meta = load_meta(data_dir)
+        if vocab_size is not None:
+            check_vocab(self.meta, data_dir, vocab_size)
+        self.B, self.T, self.rank, self.world = batch_size, block_size, rank, world_size
+        self.files = split_files(data_dir, split)
+        self.shards = [open_tokens(f, self.meta["dtype"]) for f in self.files]
+        need = batch_size * block_size * world_size + 1
+        for f, s in zip(self.files, self.shards):
+            if len(s) < need:
+                raise DataError(f"{f} has {len(s)} tokens, fewer than one step needs ({need} = batch_size x "
+                                f"block_size x ranks + 1): lower --batch_size or --block_size")
+        self.reset()
+
+    def reset(self):
+        self.shard, self.pos, self.epoch = 0, 0, 0
+
+    def next_batch(self):
+        step = self.B * self.T * self.world
+        if self.pos + step + 1 > len(self.shards[self.shard]):  # the rest of the shard is too short
+            self.shard, self.pos = self.shard + 1, 0
+            if self.shard == len(self.shards):
+                self.shard, self.epoch = 0, self.epoch + 1
+        start = self.pos + self.rank * self.B * self.T
+        buf = torch.from_numpy(self.shards[self.shard][start:start + self.B * self.T + 1].astype(np.int64))
+        self.pos += step
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+    def state_dict(self):
+        return {"shard": self.shard, "pos": self.pos, "epoch": self.epoch, "files": [os.path.basename(f) for f in self.files]}
+
+    def load_state_dict(self, state):
+        if state["files"] != [os.path.basename(f) for f in self.files]:
+            raise DataError("the data_dir's shards differ from the ones this checkpoint was reading: "
+                            "use the same data_dir, or a new out_dir to start over")
+        self.shard, self.pos, self.epoch = state["shard"], state["pos"], state["epoch"]
+
+
+def get_tokenizer(name):
+    """A tiktoken encoding by name. 'o200k_base:N' is o200k_base cut to its first N merges plus
+    <|endoftext|> as token N: a real byte-level BPE (o200k's first 256 ranks are the 256 bytes and every
+    later token is a merge of earlier ones) with a vocabulary small enough for tiny models, whose ids are
+    o200k's own."""
+    import tiktoken
+
+    base, _, cut = name.partition(":")
+    try:
+        enc = tiktoken.get_encoding(base)
+    except ValueError:
+        raise DataError(f"unknown tokenizer {base!r}: use one of {', '.join(tiktoken.list_encoding_names())}")
+    except Exception as e:
+        raise DataError(f"cannot load tokenizer {base!r} ({type(e).__name__}): offline, put its BPE file in "
+                        f"$TIKTOKEN_CACHE_DIR (see README, 'Offline tokenizers')")
+    if not cut:
+        return enc
+    n = int(cut)
+    ranks = {tok: r for tok, r in enc._mergeable_ranks.items() if r < n}
+    assert len(ranks) == n, f"{base} has gaps below rank {n}"
+    return tiktoken.Encoding(name=name, pat_str=enc._pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": n})

@@ -1,0 +1,351 @@
+"""
+The GPT-OSS network at any size, in the order of the forward pass:
+RMSNorm -> RoPE (with YaRN) -> attention (GQA, sinks, sliding window) -> SwiGLU experts -> MoE -> block -> GPT.
+Parameter names match Hugging Face GptOssForCausalLM (add "model." in front of all but lm_head), so an
+exporter is a rename. Also here: parameter counts and FLOPs per token, from a config alone.
+This file imports nothing of ours and nothing of torch.distributed.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 201088  # o200k_harmony padded, as in gpt-oss
+    block_size: int = 1024  # training context
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12  # query heads
+    n_kv_head: int = 4  # key/value heads (grouped-query attention)
+    head_dim: int = 64
+    n_expert: int = 8
+    experts_per_token: int = 2
+    intermediate_size: int = 768  # hidden width of one expert
+    sliding_window: int = 128
+    attn_pattern: str = "SF"  # per layer, repeated: S = sliding window, F = full causal
+    sinks: bool = True  # learned per-head attention sink logits
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    rope_theta: float = 150000.0
+    rope_scaling_factor: float = 1.0  # YaRN factor; 1.0 = plain RoPE
+    rope_ntk_alpha: float = 1.0
+    rope_ntk_beta: float = 32.0
+    initial_context_length: int = 4096  # the context YaRN stretches from
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def layer_is_sliding(self, i):
+        return self.attn_pattern[i % len(self.attn_pattern)] == "S"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # fp32 statistics: bf16 squares lose too much precision
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rope_tables(cfg, seq_len, device=None):
+    """cos/sin of shape [seq_len, head_dim/2]. With rope_scaling_factor > 1 this is YaRN as gpt-oss does it:
+    low frequencies are interpolated, high ones kept, a linear ramp between, and the result scaled by a
+    'concentration' that keeps attention logits as sharp as at the original length."""
+    half = cfg.head_dim // 2
+    freq = cfg.rope_theta ** (torch.arange(0, half, dtype=torch.float32, device=device) / half)
+    concentration = 1.0
+    inv_freq = 1.0 / freq
+    if cfg.rope_scaling_factor > 1.0:
+        concentration = 0.1 * math.log(cfg.rope_scaling_factor) + 1.0
+        ctx, base = cfg.initial_context_length, cfg.rope_theta
+        low = half * math.log(ctx / (cfg.rope_ntk_beta * 2 * math.pi)) / math.log(base)
+        high = half * math.log(ctx / (cfg.rope_ntk_alpha * 2 * math.pi)) / math.log(base)
+        ramp = (torch.arange(half, dtype=torch.float32, device=device) - low) / (high - low)
+        keep = 1 - ramp.clamp(0, 1)  # 1 where a frequency is high enough to extrapolate
+        inv_freq = inv_freq / cfg.rope_scaling_factor * (1 - keep) + inv_freq * keep
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos() * concentration, angles.sin() * concentration
+
+
+def apply_rope(x, cos, sin):
+    # halves, not interleaved pairs: the layout of gpt-oss and HF
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def attention(q, k, v, sinks, window):
+    """Causal softmax attention with an optional window and per-head sink logits, on SDPA's fused kernel.
+    q, k, v: [B, H, T, D]; sinks: [H] or None; window: int or None.
+    A sink is an extra logit in the softmax that takes probability mass and adds no value. SDPA has no
+    such input, so we make it a real key: every query gets a constant 1 in an extra channel, the sink key
+    holds sink/scale there and zeros elsewhere, its value is zero. One dummy query row is prepended
+    with it so that plain is_causal lines up (query i+1 sees keys 0..i+1, i.e. the sink and tokens 0..i).
+    Channels are padded to a multiple of 8, which the fused kernels want, and the same size for q, k
+    and v (CPU falls back to a 10x slower path otherwise)."""
+    B, H, T, D = q.shape
+    scale = 1.0 / math.sqrt(D)
+    if sinks is not None:
+        pad = 8 - D % 8
+        one = q.new_ones(B, H, T, 1)
+        q = torch.cat([q, one, q.new_zeros(B, H, T, pad - 1)], dim=-1)
+        k = F.pad(k, (0, pad))
+        v = F.pad(v, (0, pad))
+        sink_k = torch.zeros(B, H, 1, D + pad, dtype=k.dtype, device=k.device)
+        sink_k[..., D] = (sinks / scale).to(k.dtype).view(1, H, 1).expand(B, H, 1)
+        q = torch.cat([q.new_zeros(B, H, 1, D + pad), q], dim=2)
+        k = torch.cat([sink_k, k], dim=2)
+        v = torch.cat([v.new_zeros(B, H, 1, D + pad), v], dim=2)
+    n = q.shape[2]
+    if window is None or window >= T:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(n, window, sinks is not None, q.device), scale=scale)
+    if sinks is not None:
+        y = y[:, :, 1:, :D]
+    return y
+
+
+_masks = {}
+
+
+def window_mask(n, window, has_sink, device):
+    """Boolean [n, n] mask: query i sees key j when 0 <= i - j < window; with a sink, key 0 is seen by all."""
+    key = (n, window, has_sink, str(device))
+    if key not in _masks:
+        i = torch.arange(n, device=device)
+        d = i[:, None] - i[None, :]
+        m = (d >= 0) & (d < window)
+        if has_sink:
+            m[:, 0] = True
+        _masks[key] = m
+    return _masks[key]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.window = cfg.sliding_window if cfg.layer_is_sliding(layer_idx) else None
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=True)
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.sinks else None
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        group = self.n_head // self.n_kv_head  # each kv head serves this many query heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        y = attention(q, k, v, self.sinks, self.window)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+def swiglu(h, alpha, limit):
+    """gpt-oss's clamped SwiGLU. Gate and linear halves are interleaved in the last dim (HF layout)."""
+    gate, lin = h[..., ::2], h[..., 1::2]
+    gate = gate.clamp(max=limit)
+    lin = lin.clamp(-limit, limit)
+    return gate * torch.sigmoid(alpha * gate) * (lin + 1)
+
+
+def grouped_mm(x, w, offs):
+    """Rows of x are grouped by expert (group e ends at offs[e]); returns x[group e] @ w[e] for every e.
+    torch._grouped_mm does this in one kernel on CPU and on CUDA in bf16; elsewhere (MPS, fp32 CUDA)
+    a loop over experts, which needs the group sizes on the host."""
+    if x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16):
+        return torch._grouped_mm(x, w, offs=offs)
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends))])
+
+
+class Experts(nn.Module):
+    """All experts of one layer as stacked 3-D parameters (FSDP shards them like any tensor, and ranks
+    never disagree about which modules ran)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, d, I = cfg.n_expert, cfg.n_embd, cfg.intermediate_size
+        self.alpha, self.limit = cfg.swiglu_alpha, cfg.swiglu_limit
+        self.gate_up_proj = nn.Parameter(torch.empty(E, d, 2 * I))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
+        self.down_proj = nn.Parameter(torch.empty(E, I, d))
+        self.down_proj_bias = nn.Parameter(torch.zeros(E, d))
+
+    def forward(self, x, expert_of_row, offs):
+        """x: [R, d] rows sorted by expert; expert_of_row: [R]; offs: int32 [E] group ends."""
+        dt = x.dtype
+        if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm
+            dt = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dt)
+        # per-row biases via F.embedding: its backward is deterministic, that of bias[expert_of_row] is not on CPU
+        h = grouped_mm(x, self.gate_up_proj.to(dt), offs) + F.embedding(expert_of_row, self.gate_up_proj_bias.to(dt))
+        h = swiglu(h, self.alpha, self.limit)
+        return grouped_mm(h, self.down_proj.to(dt), offs) + F.embedding(expert_of_row, self.down_proj_bias.to(dt))
+
+
+class MoE(nn.Module):
+    """Top-k routing with softmax over the k chosen logits; dropless: every token reaches its k experts.
+    Tokens are sorted by expert and run through grouped matmuls, never through all experts."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_expert, self.k = cfg.n_expert, cfg.experts_per_token
+        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=True)
+        self.experts = Experts(cfg)
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        N, E, k = x.shape[0], self.n_expert, self.k
+        logits = self.router(x).float()
+        top_logits, top_idx = logits.topk(k, dim=-1)
+        weights = top_logits.softmax(dim=-1)
+        flat_expert = top_idx.reshape(-1)
+        order = flat_expert.argsort(stable=True)
+        counts = torch.zeros(E, device=x.device, dtype=torch.float32).scatter_add_(0, flat_expert, torch.ones_like(flat_expert, dtype=torch.float32))
+        offs = counts.cumsum(0).to(torch.int32)  # no host sync: sizes stay on the device
+        # each token repeated k times, then permuted into expert order: a gather with unique indices, whose
+        # backward is deterministic (x[order // k] repeats indices and its backward is not, on CPU)
+        rows = x.unsqueeze(1).expand(N, k, x.shape[-1]).reshape(N * k, -1)[order]
+        y = self.experts(rows, flat_expert[order], offs)
+        # undo the sort, then mix each token's k outputs (a gather, deterministic, unlike index_add)
+        y = y[order.argsort()].view(N, k, -1)
+        out = (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
+        # load balancing: f = share of assignments per expert (sums to 1), P = mean router probability
+        f = counts / (N * k)
+        P = logits.softmax(dim=-1).mean(dim=0)
+        aux = E * (f * P).sum()  # 1.0 when balanced, E when every token picks the same expert
+        z = torch.logsumexp(logits, dim=-1).square().mean()
+        return out.to(x.dtype).view(shape), aux, z, counts.detach()
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MoE(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        h, aux, z, load = self.mlp(self.post_attention_layernorm(x))
+        return x + h, aux, z, load
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_head % cfg.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        assert cfg.head_dim % 2 == 0, "head_dim must be even for RoPE"
+        assert 1 <= cfg.experts_per_token <= cfg.n_expert, "experts_per_token must be in 1..n_expert"
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg, cfg.block_size)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        # GPT-2 style: N(0, 0.02), biases 0, projections into the residual scaled by 1/sqrt(2 * n_layer)
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                resid = name.endswith(("o_proj.weight", "down_proj"))
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer) if resid else std)
+            elif name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                nn.init.zeros_(p)
+        if self.rope_cos.device.type != "meta":  # recompute: to_empty() leaves buffers uninitialised
+            self.rope_cos, self.rope_sin = rope_tables(self.cfg, self.cfg.block_size, self.rope_cos.device)
+
+    def forward(self, idx, targets=None):
+        """Returns (logits, loss, stats). loss is the LM cross-entropy alone; stats holds the router's
+        raw aux and z losses (means over layers) and the per-layer expert counts [n_layer, n_expert],
+        so the caller chooses the coefficients and logs the raw values."""
+        B, T = idx.shape
+        assert T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed_tokens(idx)
+        aux, z, load = [], [], []
+        for block in self.layers:
+            x, a, zz, l = block(x, cos, sin)
+            aux.append(a)
+            z.append(zz)
+            load.append(l)
+        x = self.norm(x)
+        stats = {"aux": torch.stack(aux).mean(), "z": torch.stack(z).mean(), "load": torch.stack(load)}
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None, stats  # generation needs the last position only
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss, stats
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Plain autoregressive sampling (no KV cache: sampling is rare and short here)."""
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.cfg.block_size:]
+            logits, _, _ = self(ctx)
+            logits = logits[:, -1, :].float() / max(temperature, 1e-6)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sizes and costs from a config alone (no weights built), for logs, MFU, the README and the supervisor.
+
+def param_counts(cfg):
+    """total, active (per token) and embedding parameter counts."""
+    d, hd, E, I = cfg.n_embd, cfg.head_dim, cfg.n_expert, cfg.intermediate_size
+    attn = d * hd * (cfg.n_head + 2 * cfg.n_kv_head) + hd * (cfg.n_head + 2 * cfg.n_kv_head)  # q, k, v
+    attn += cfg.n_head * hd * d + d + (cfg.n_head if cfg.sinks else 0)  # o_proj, sinks
+    expert = d * 2 * I + 2 * I + I * d + d
+    router = d * E + E
+    layer = attn + router + E * expert + 2 * d
+    embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    total = cfg.n_layer * layer + d + embedding
+    active = total - cfg.n_layer * (E - cfg.experts_per_token) * expert
+    return {"total": total, "active": active, "embedding": embedding}
+
+
+def flops_per_token(cfg, seq_len):
+    """Training FLOPs (forward + backward) per token, PaLM-style: 6 x active weights that do matmuls
+    (the output layer counts, the embedding lookup does not) + attention scores over the context each
+    layer really sees (sliding layers see at most sliding_window keys)."""
+    n = param_counts(cfg)
+    matmul_params = n["active"] - cfg.vocab_size * cfg.n_embd * (0 if cfg.tie_embeddings else 1)
+    attn = 0
+    for i in range(cfg.n_layer):
+        ctx = min(seq_len, cfg.sliding_window) if cfg.layer_is_sliding(i) else seq_len
+        attn += 12 * cfg.n_head * cfg.head_dim * ctx
+    return 6 * matmul_params + attn
+
+
+def output_layer_flops_share(cfg, seq_len):
+    return 6 * cfg.vocab_size * cfg.n_embd / flops_per_token(cfg, seq_len)

@@ -1,0 +1,88 @@
+"""Shared fixtures: a real English corpus that ships with Python (the standard library's docstrings),
+the real o200k tokenizer loaded offline, and helpers to run the scripts as a user would."""
+import ast
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+# .ci/run puts o200k_base's BPE file here; a user's own TIKTOKEN_CACHE_DIR wins
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(ROOT, ".cache", "tiktoken"))
+TOKENIZER = "o200k_base:4096"  # o200k's first 4096 merges: a real BPE with a vocabulary tests can afford
+
+
+def stdlib_docstrings(max_chars):
+    """Docstrings of the standard library's modules, in a fixed order: prose, real and always present."""
+    parts, size = [], 0
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for name in sorted(os.listdir(stdlib)):
+        if not name.endswith(".py"):
+            continue
+        try:
+            with open(os.path.join(stdlib, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:
+                    parts.append(doc)
+                    size += len(doc)
+                    if size >= max_chars:
+                        return parts
+    return parts
+
+
+def write_data_dir(path, docs, tokenizer=TOKENIZER, val_docs=20):
+    """Tokenize docs (EOT between them) into one val and one train shard plus meta.json."""
+    from data_loader import get_tokenizer
+
+    enc = get_tokenizer(tokenizer)
+    os.makedirs(path, exist_ok=True)
+    splits = {"val": docs[:val_docs], "train": docs[val_docs:]}
+    dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
+    counts = {}
+    for i, (split, ds) in enumerate(splits.items()):
+        toks = []
+        for d in ds:
+            toks.append(enc.eot_token)
+            toks.extend(enc.encode_ordinary(d))
+        np.save(os.path.join(path, f"docs_{split}_{i:06d}.npy"), np.array(toks, dtype=dtype))
+        counts[split] = len(toks)
+    meta = {"tokenizer": tokenizer, "vocab_size": enc.n_vocab, "dtype": np.dtype(dtype).name, "eot": enc.eot_token,
+            "dataset": "stdlib-docstrings", "tokens": counts}
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    return stdlib_docstrings(600_000)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, corpus):
+    path = str(tmp_path_factory.mktemp("data"))
+    write_data_dir(path, corpus)
+    return path
+
+
+def run_script(script, *args, timeout=600, **kw):
+    """Run one of the repo's scripts in a fresh Python process, as a user would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+# a model small enough to train in seconds on 2 cores, with every GPT-OSS part switched on
+TINY = ["--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--head_dim=16", "--n_expert=4",
+        "--experts_per_token=2", "--intermediate_size=64", "--sliding_window=16", "--block_size=64",
+        "--vocab_size=4097", "--tie_embeddings=True", "--batch_size=8", "--sample_every=0", "--compile=False"]

@@ -1,0 +1,228 @@
+"""model.py: the MoE and attention equal plain per-token references; counts and losses mean what they say."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, MoE, attention, flops_per_token, param_counts, rope_tables, swiglu
+
+
+def tiny(**kw):
+    base = dict(vocab_size=97, block_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, head_dim=8,
+                n_expert=4, experts_per_token=2, intermediate_size=24, sliding_window=8)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def per_token_moe(moe, x):
+    """The MoE written the slow, obvious way: each token, each of its k experts, one at a time."""
+    ex = moe.experts
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        logits = moe.router(x[t])
+        top, idx = logits.topk(moe.k)
+        w = top.softmax(-1)
+        for j in range(moe.k):
+            e = idx[j]
+            h = swiglu(x[t] @ ex.gate_up_proj[e] + ex.gate_up_proj_bias[e], ex.alpha, ex.limit)
+            out[t] = out[t] + w[j] * (h @ ex.down_proj[e] + ex.down_proj_bias[e])
+    return out
+
+
+def test_moe_matches_per_token_loop_values_and_gradients():
+    torch.manual_seed(0)
+    moe = MoE(tiny(swiglu_limit=0.3))  # a low limit so both clamps cut some values
+    for p in moe.parameters():  # non-zero biases so every term is exercised; O(1) outputs for fp32
+        torch.nn.init.normal_(p, 0, 0.1)
+    x = torch.randn(37, 32, requires_grad=True)
+    h = x @ moe.experts.gate_up_proj[0]
+    assert (h[:, ::2] > 0.3).any() and (h[:, 1::2].abs() > 0.3).any()
+    y, aux, z, counts = moe(x)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *moe.parameters()], g)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_ref = per_token_moe(moe, x2)
+    grads_ref = torch.autograd.grad(y_ref, [x2, *moe.parameters()], g)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # dropless: every token reached exactly k experts
+    assert counts.sum().item() == 37 * 2
+
+
+def test_router_receives_gradients_from_lm_and_aux_loss():
+    torch.manual_seed(0)
+    moe = MoE(tiny())
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    x = torch.randn(16, 32)
+    y, aux, z, _ = moe(x)
+    (gy,) = torch.autograd.grad(y.square().sum(), moe.router.weight, retain_graph=True)
+    (ga,) = torch.autograd.grad(aux, moe.router.weight)
+    assert gy.abs().sum() > 0 and ga.abs().sum() > 0
+
+
+def test_aux_loss_is_one_when_balanced_and_n_expert_at_collapse():
+    E = 4
+    moe = MoE(tiny(n_expert=E, experts_per_token=1))
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.bias.zero_()
+        moe.router.weight[:E, :E] = torch.eye(E) * 50  # token with one-hot feature e goes to expert e
+    x = torch.zeros(8 * E, 32)
+    x[torch.arange(8 * E), torch.arange(8 * E) % E] = 1.0  # equal numbers per expert, near one-hot probs
+    _, aux, _, counts = moe(x)
+    assert counts.tolist() == [8.0] * E
+    assert abs(aux.item() - 1.0) < 1e-6
+    x = torch.zeros(8 * E, 32)
+    x[:, 2] = 1.0  # every token wants expert 2
+    _, aux, _, counts = moe(x)
+    assert counts.tolist() == [0.0, 0.0, 8.0 * E, 0.0]
+    assert abs(aux.item() - E) < 1e-6
+
+
+def test_z_loss_is_mean_squared_logsumexp():
+    torch.manual_seed(0)
+    moe = MoE(tiny())
+    x = torch.randn(10, 32)
+    _, _, z, _ = moe(x)
+    ref = torch.logsumexp(moe.router(x), -1).square().mean()
+    torch.testing.assert_close(z, ref)
+
+
+def naive_attention(q, k, v, sinks, window):
+    """Masked softmax written out, with the sink as an extra column that is dropped after the softmax."""
+    B, H, T, D = q.shape
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    i = torch.arange(T)
+    keep = (i[:, None] >= i[None, :])
+    if window is not None:
+        keep &= (i[:, None] - i[None, :]) < window
+    s = s.masked_fill(~keep, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.view(1, H, 1, 1).expand(B, H, T, 1)], dim=-1)
+    p = s.softmax(-1)
+    if sinks is not None:
+        p = p[..., :-1]
+    return p @ v
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("with_sinks", [True, False])
+def test_attention_matches_naive_reference(window, with_sinks):
+    torch.manual_seed(0)
+    B, H, T, D = 2, 3, 23, 12  # longer than the window; D not a multiple of 8
+    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+    sinks = torch.randn(H, requires_grad=True) if with_sinks else None
+    g = torch.randn(B, H, T, D)
+    leaves = [q, k, v] + ([sinks] if with_sinks else [])
+    y = attention(q, k, v, sinks, window)
+    y_ref = naive_attention(q, k, v, sinks, window)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(y_ref, leaves, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_sink_takes_probability_mass():
+    # a huge sink soaks up all attention: the output goes to zero
+    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    y = attention(q, k, v, torch.full((2,), 30.0), None)
+    assert y.abs().max() < 1e-6
+
+
+def test_layers_alternate_sliding_and_full():
+    m = GPT(tiny(n_layer=4))
+    assert [b.self_attn.window for b in m.layers] == [8, None, 8, None]
+
+
+def test_yarn_keeps_high_frequencies_and_stretches_low_ones():
+    plain = tiny(head_dim=64, rope_theta=150000.0)
+    yarn = tiny(head_dim=64, rope_theta=150000.0, rope_scaling_factor=32.0, initial_context_length=4096)
+    cos_p, _ = rope_tables(plain, 1000)
+    cos_y, _ = rope_tables(yarn, 1000)
+    conc = 0.1 * math.log(32.0) + 1.0
+    torch.testing.assert_close(cos_y[:, 0], cos_p[:, 0] * conc)  # highest frequency: unchanged angle
+    # lowest frequency: angle divided by the factor
+    theta = torch.arange(1000.0) * (1.0 / 150000.0 ** (31 / 32)) / 32.0
+    torch.testing.assert_close(cos_y[:, -1], theta.cos() * conc, atol=1e-5, rtol=1e-5)
+
+
+def hand_count(c):
+    d, hd = c.n_embd, c.head_dim
+    q = d * c.n_head * hd + c.n_head * hd
+    kv = 2 * (d * c.n_kv_head * hd + c.n_kv_head * hd)
+    o = c.n_head * hd * d + d
+    expert = (d * 2 * c.intermediate_size + 2 * c.intermediate_size) + (c.intermediate_size * d + d)
+    layer = q + kv + o + c.n_head + (d * c.n_expert + c.n_expert) + c.n_expert * expert + 2 * d
+    emb = c.vocab_size * d * (1 if c.tie_embeddings else 2)
+    total = c.n_layer * layer + d + emb
+    return total, total - c.n_layer * (c.n_expert - c.experts_per_token) * expert
+
+
+@pytest.mark.parametrize("cfg", [tiny(), tiny(tie_embeddings=True, n_expert=8, experts_per_token=1, n_layer=3)])
+def test_param_counts_match_hand_count_and_the_built_model(cfg):
+    total, active = hand_count(cfg)
+    n = param_counts(cfg)
+    assert (n["total"], n["active"]) == (total, active)
+    assert sum(p.numel() for p in GPT(cfg).parameters()) == total
+
+
+def gpt_oss_20b():
+    return GPTConfig(vocab_size=201088, block_size=4096, n_layer=24, n_embd=2880, n_head=64, n_kv_head=8,
+                     head_dim=64, n_expert=32, experts_per_token=4, intermediate_size=2880, sliding_window=128,
+                     rope_scaling_factor=32.0)
+
+
+def test_gpt_oss_20b_shape_has_20_9b_parameters_on_meta_device():
+    cfg = gpt_oss_20b()
+    with torch.device("meta"):
+        m = GPT(cfg)
+    total = sum(p.numel() for p in m.parameters())
+    assert total == param_counts(cfg)["total"]
+    assert round(total / 1e9, 1) == 20.9
+    # the model card's 3.61B active leaves out the input embedding table (a lookup, not a matmul)
+    assert round((param_counts(cfg)["active"] - cfg.vocab_size * cfg.n_embd) / 1e9, 2) == 3.61
+
+
+def test_state_dict_names_map_onto_hf_gpt_oss():
+    m = GPT(tiny())
+    sd = m.state_dict()
+    expected = {
+        "embed_tokens.weight": (97, 32), "norm.weight": (32,), "lm_head.weight": (97, 32),
+        "layers.0.input_layernorm.weight": (32,), "layers.0.post_attention_layernorm.weight": (32,),
+        "layers.0.self_attn.q_proj.weight": (32, 32), "layers.0.self_attn.q_proj.bias": (32,),
+        "layers.0.self_attn.k_proj.weight": (16, 32), "layers.0.self_attn.v_proj.bias": (16,),
+        "layers.0.self_attn.o_proj.weight": (32, 32), "layers.0.self_attn.sinks": (4,),
+        "layers.0.mlp.router.weight": (4, 32), "layers.0.mlp.router.bias": (4,),
+        "layers.0.mlp.experts.gate_up_proj": (4, 32, 48), "layers.0.mlp.experts.gate_up_proj_bias": (4, 48),
+        "layers.0.mlp.experts.down_proj": (4, 24, 32), "layers.0.mlp.experts.down_proj_bias": (4, 32),
+    }
+    for name, shape in expected.items():
+        assert tuple(sd[name].shape) == shape, name
+
+
+def test_tied_embeddings_share_one_tensor():
+    m = GPT(tiny(tie_embeddings=True))
+    assert m.lm_head.weight is m.embed_tokens.weight
+
+
+def test_forward_returns_loss_and_router_stats_and_generate_extends():
+    torch.manual_seed(0)
+    cfg = tiny()
+    m = GPT(cfg)
+    idx = torch.randint(0, 97, (2, 40))
+    logits, loss, stats = m(idx, idx)
+    assert logits.shape == (2, 40, 97)
+    assert abs(loss.item() - math.log(97)) < 0.5  # near uniform at init
+    assert stats["load"].shape == (2, 4) and stats["load"].sum().item() == 2 * 80 * 2
+    assert 1.0 <= stats["aux"].item() <= 4.0
+    out = m.generate(idx[:1, :5], 7, temperature=1.0, top_k=10)
+    assert out.shape == (1, 12)
+
+
+def test_flops_count_sliding_layers_with_their_window():
+    cfg = tiny(block_size=1024, sliding_window=128)
+    n = param_counts(cfg)
+    expect = 6 * (n["active"] - 97 * 32) + 12 * 4 * 8 * (128 + 1024)
+    assert flops_per_token(cfg, 1024) == expect

@@ -1,0 +1,199 @@
+"""train.py as a user runs it: it learns, stops on SIGTERM, resumes exactly, refuses bad input in one line."""
+import glob
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run_script, write_data_dir
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def unigram_entropy(data_dir):
+    toks = np.concatenate([np.load(f).astype(np.int64) for f in glob.glob(os.path.join(data_dir, "*.npy"))])
+    p = np.bincount(toks) / len(toks)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus):
+    """One real training run shared by the tests that read its outputs."""
+    data = str(tmp_path_factory.mktemp("data_big_val"))
+    write_data_dir(data, corpus, val_docs=60)
+    out = str(tmp_path_factory.mktemp("run"))
+    r = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={out}", "--batch_size=16", "--max_iters=400",
+                   "--eval_interval=100", "--eval_iters=10", "--log_interval=10", "--save_every=100", "--keep_last_n=2",
+                   "--warmup_iters=20", "--lr=4e-3", "--lr_decay_iters=400", "--min_lr=4e-4", "--sample_every=200",
+                   "--sample_tokens=16")
+    assert r.returncode == 0, r.stderr
+    return data, out, r.stdout
+
+
+def test_val_loss_falls_clearly_below_unigram_entropy(trained):
+    data, out, _ = trained
+    evals = [r for r in read_log(out) if r.get("eval")]
+    h = unigram_entropy(data)  # what a model that ignores context can reach at best (~6.5 nats here)
+    assert evals[-1]["val_loss"] < h - 0.75, (evals[-1], h)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert math.isclose(evals[-1]["val_ppl"], math.exp(evals[-1]["val_loss"]))
+
+
+def test_log_has_raw_router_stats_per_layer(trained):
+    _, out, stdout = trained
+    steps = [r for r in read_log(out) if not r.get("eval")]
+    assert len(steps) == 40
+    for r in steps:
+        assert len(r["load_min"]) == 2 and len(r["load_max"]) == 2  # one per layer
+        assert all(0 <= lo <= 0.25 <= hi <= 1 for lo, hi in zip(r["load_min"], r["load_max"]))
+        assert 1.0 <= r["aux"] <= 4.0  # the raw value: 1 balanced, n_expert collapsed; never 0.0000
+    line = next(l for l in stdout.splitlines() if l.startswith("iter 10 |"))
+    assert f"aux {steps[0]['aux']:.2f}" in line and "tok/s" in line and "mem " in line
+
+
+def test_checkpoints_are_pruned_and_latest_points_at_the_newest(trained):
+    _, out, stdout = trained
+    assert sorted(os.listdir(out)) == ["ckpt_300", "ckpt_400", "heartbeat.json", "latest", "log.jsonl"]
+    assert open(os.path.join(out, "latest")).read() == "ckpt_400"
+    cfg = json.load(open(os.path.join(out, "ckpt_400", "config.json")))
+    assert cfg["n_layer"] == 2 and cfg["tokenizer"] == "o200k_base:4096"
+    assert "sample 200 |" in stdout
+    beat = json.load(open(os.path.join(out, "heartbeat.json")))
+    assert beat["iter"] == 400 and beat["phase"] == "done"
+
+
+def test_sample_py_reads_the_checkpoint(trained):
+    _, out, _ = trained
+    r = run_script("sample.py", f"--out_dir={out}", "--start=The function", "--num_samples=2", "--max_new_tokens=12")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("The function") == 2 and r.stdout.count("---------------") == 2
+
+
+def load_weights(ckpt_dir):
+    sys.path.insert(0, ROOT)
+    from sample import load_model
+
+    model, _ = load_model(ckpt_dir)
+    return model.state_dict()
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
+    args = [*TINY, f"--data_dir={data_dir}", "--max_iters=60", "--grad_accum_steps=2", "--log_interval=1",
+            "--eval_interval=0", "--save_every=1000", "--warmup_iters=5", "--lr=3e-3"]
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    assert run_script("train.py", *args, f"--out_dir={ref}").returncode == 0
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    p = subprocess.Popen([sys.executable, "train.py", *args, f"--out_dir={cut}"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = os.path.join(cut, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 30):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out
+    stopped_at = len(read_log(cut))
+    assert 30 <= stopped_at < 60, "the signal should land mid-run"
+    assert open(os.path.join(cut, "latest")).read() == f"ckpt_{stopped_at}"
+
+    r = run_script("train.py", *args, f"--out_dir={cut}")  # a new process: resumes by itself
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {os.path.join(cut, f'ckpt_{stopped_at}')} at iter {stopped_at}" in r.stdout
+    a, b = read_log(ref), read_log(cut)
+    assert [x["iter"] for x in b] == list(range(1, 61))  # nothing lost, nothing repeated
+    assert [x["loss"] for x in a] == [x["loss"] for x in b]  # bit-identical at every step
+    wa, wb = load_weights(os.path.join(ref, "ckpt_60")), load_weights(os.path.join(cut, "ckpt_60"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def tree_digest(path):
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            h.update(name.encode())
+            h.update(open(os.path.join(root, name), "rb").read())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def bad_data(tmp_path, data_dir):
+    """Copies of the good data dir, each broken in one way."""
+    import shutil
+
+    def make(name, breaker):
+        d = str(tmp_path / name)
+        shutil.copytree(data_dir, d)
+        breaker(d)
+        return d
+
+    def shard(d, split):
+        return glob.glob(os.path.join(d, f"*_{split}_*.npy"))[0]
+
+    def truncate(d):
+        p = shard(d, "train")
+        os.truncate(p, os.path.getsize(p) // 2)
+
+    def empty(d):
+        np.save(shard(d, "val"), np.zeros(0, dtype=np.uint16))
+
+    def wrong_dtype(d):
+        meta = json.load(open(os.path.join(d, "meta.json")))
+        json.dump({**meta, "dtype": "uint32"}, open(os.path.join(d, "meta.json"), "w"))
+
+    return {
+        "truncated": (make("truncated", truncate), "truncated"),
+        "empty": (make("empty", empty), "empty"),
+        "no_val": (make("no_val", lambda d: os.remove(shard(d, "val"))), "no val split"),
+        "dtype": (make("dtype", wrong_dtype), "meta.json says uint32"),
+        "no_meta": (make("no_meta", lambda d: os.remove(os.path.join(d, "meta.json"))), "meta.json is missing"),
+    }
+
+
+def test_bad_inputs_give_one_line_and_leave_the_checkpoint_alone(tmp_path, data_dir, bad_data):
+    out = str(tmp_path / "run")
+    base = [*TINY, f"--out_dir={out}", "--max_iters=4", "--eval_interval=0", "--log_interval=1", "--save_every=2"]
+    assert run_script("train.py", *base, f"--data_dir={data_dir}").returncode == 0
+    before = tree_digest(out)
+    bad_file = tmp_path / "bad_config.py"
+    bad_file.write_text("batch_size = 4\nlearning_rate = 1e-3\n")
+    cases = [
+        (["--batch_sise=4"], "did you mean 'batch_size'"),
+        (["--batch_size=four"], "batch_size"),
+        ([str(bad_file)], "unknown config key 'learning_rate' in " + str(bad_file)),
+        (["--vocab_size=1000"], "--vocab_size=4097"),
+        (["--n_layer=3"], "holds a different model"),
+        (["--dtype=float64"], "dtype"),
+    ]
+    cases += [([f"--data_dir={d}"], msg) for d, msg in bad_data.values()]
+    for extra, msg in cases:
+        args = [*base, f"--data_dir={data_dir}", *extra]
+        r = run_script("train.py", *args)
+        assert r.returncode != 0, extra
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and msg in lines[0], (extra, r.stderr)
+        assert tree_digest(out) == before, f"{extra} changed the run's files"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    out = str(tmp_path / "run")
+    r = run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=50", "--eval_interval=0",
+                   "--save_every=1", "--warmup_iters=0", "--lr=1e6", "--grad_clip=0", "--weight_decay=0")
+    assert r.returncode != 0
+    assert "is not finite" in r.stderr.strip().splitlines()[-1]
+    bad_iter = int(r.stderr.split("at iter ")[1].split(";")[0])
+    latest = open(os.path.join(out, "latest")).read()
+    assert latest == f"ckpt_{bad_iter - 1}"  # the step that went bad was never applied nor saved
+    assert all(math.isfinite(x["loss"]) for x in read_log(out))

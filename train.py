@@ -1,0 +1,422 @@
+"""
+Train a GPT-OSS-style Mixture-of-Experts model on one device (CUDA, Apple MPS or CPU, picked for you):
+    python train.py config/mac_micro.py
+    python train.py config/mac_micro.py --batch_size=4 --max_iters=200
+Every setting below can be changed by a config file or --key=value. The run checkpoints to out_dir and
+resumes from out_dir/latest by itself. SIGTERM / Ctrl-C: finish the step, save, exit 0.
+SIGUSR1: free cached memory now. A heartbeat file in out_dir tells safe_train.py how the run is doing.
+"""
+import gc
+import io
+import json
+import math
+import os
+import pickle
+import random
+import shutil
+import signal
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# I/O
+data_dir = "data/stdlib_docs"  # meta.json + token shards (prepare_fineweb.py)
+out_dir = "out"
+resume = True  # continue from out_dir/latest when there is one
+eval_interval = 250
+eval_iters = 20  # batches per split for an eval
+log_interval = 10
+log_router_stats = True  # per-layer expert load in log.jsonl
+save_every = 250
+keep_last_n = 3  # checkpoints kept on disk (the newest)
+sample_every = 500  # print a text sample every N iterations (0 = never)
+sample_tokens = 64
+temperature = 0.8
+top_k = 200
+# data
+batch_size = 8  # micro batch per device
+block_size = 256
+grad_accum_steps = 1  # micro steps per optimizer step
+# model (see model.GPTConfig)
+vocab_size = 201088
+n_layer = 4
+n_embd = 256
+n_head = 4
+n_kv_head = 2
+head_dim = 64
+n_expert = 4
+experts_per_token = 2
+intermediate_size = 256
+sliding_window = 128
+attn_pattern = "SF"
+sinks = True
+swiglu_limit = 7.0
+rope_theta = 150000.0
+rope_scaling_factor = 1.0
+initial_context_length = 4096
+tie_embeddings = False
+# router losses: the raw aux is 1.0 at perfect balance. HF GptOss pools layers and its balanced value is
+# experts_per_token, so HF's router_aux_loss_coef c gives the same push as c * experts_per_token here.
+router_aux_loss_coef = 0.01
+router_z_loss_coef = 0.001
+# optimizer
+lr = 3e-4
+min_lr = 3e-5
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 = off
+warmup_iters = 100
+lr_decay_iters = 5000
+max_iters = 5000
+# system
+device = "auto"  # auto | cuda | cuda:N | mps | cpu
+dtype = "auto"  # auto | float32 | bfloat16 | float16
+compile = None  # None = on for CUDA only (on CPU and MPS it compiles for ~30 s and is no faster)
+seed = 1337
+# -----------------------------------------------------------------------------
+
+
+def pick_device(want):
+    if want != "auto":
+        return want
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(want, dev_type):
+    if want != "auto":
+        return want
+    if dev_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dev_type == "mps":  # bf16 autocast works on MPS from macOS 14; before that only fp32 is reliable
+        return "bfloat16" if torch.backends.mps.is_macos_or_newer(14, 0) else "float32"
+    return "float32"  # CPU: bf16 pays only on CPUs with bf16 matmul units (bench.py tells)
+
+
+def get_lr(it):
+    """Linear warmup, cosine decay to min_lr at lr_decay_iters, then flat."""
+    if it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def peak_flops(dev, dt):
+    """Dense bf16/fp16 tensor-core peak of known GPUs, for MFU; None where unknown (CPU, MPS, fp32)."""
+    if not dev.startswith("cuda") or dt == "float32":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12), ("A10", 125e12)):
+        if key in name:
+            return flops
+    return None
+
+
+def memory_gb(dev):
+    """(used, total) in GB for the log line and the heartbeat."""
+    import psutil
+
+    if dev.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(dev) / 1e9, torch.cuda.get_device_properties(dev).total_memory / 1e9
+    total = psutil.virtual_memory().total / 1e9
+    if dev == "mps":
+        return torch.mps.driver_allocated_memory() / 1e9, total
+    return psutil.Process().memory_info().rss / 1e9, total
+
+
+def write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def list_checkpoints(out_dir):
+    names = [n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit()] if os.path.isdir(out_dir) else []
+    return sorted(names, key=lambda n: int(n[5:]))
+
+
+def latest_checkpoint(out_dir):
+    path = os.path.join(out_dir, "latest")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    return os.path.join(out_dir, name) if os.path.isdir(os.path.join(out_dir, name)) else None
+
+
+def main():
+    from configurator import configure
+    from data_loader import DataError, DataLoader, get_tokenizer
+    from model import GPT, GPTConfig, flops_per_token, param_counts
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    config = configure(globals())
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is intended
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.exit("train.py: multi-process (torchrun) training is not built yet; run one process")
+    model_keys = [f.name for f in fields(GPTConfig) if f.name in config]
+
+    # ---- device, precision, seeds
+    dev = pick_device(device)
+    dev_type = "cuda" if dev.startswith("cuda") else dev
+    dt = pick_dtype(dtype, dev_type)
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dt)
+    if ptdtype is None:
+        sys.exit(f"config error: dtype {dt!r} is not one of float32, bfloat16, float16")
+    ctx = nullcontext() if dt == "float32" else torch.autocast(device_type=dev_type, dtype=ptdtype)
+    use_compile = (dev_type == "cuda") if compile is None else compile
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if dev_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- data (checked before anything in out_dir is touched)
+    try:
+        train_data = DataLoader(data_dir, "train", batch_size, block_size, vocab_size=vocab_size)
+        val_data = DataLoader(data_dir, "val", batch_size, block_size, vocab_size=vocab_size)
+        train_eval = DataLoader(data_dir, "train", batch_size, block_size, vocab_size=vocab_size)
+    except DataError as e:
+        sys.exit(f"data error: {e}")
+    meta = train_data.meta
+
+    # ---- model and optimizer
+    cfg = GPTConfig(**{k: config[k] for k in model_keys})
+    model = GPT(cfg).to(dev)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and stacked experts; not norms, biases, sinks
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=(beta1, beta2), fused=dev_type == "cuda")
+    scaler = torch.amp.GradScaler(dev_type, enabled=dt == "float16")
+    iter_num, best_val_loss = 0, float("inf")
+
+    # ---- resume
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt:
+        with open(os.path.join(ckpt, "config.json")) as f:
+            saved = json.load(f)
+        diff = [k for k in model_keys if saved.get(k) != config[k]]
+        if diff:
+            sys.exit(f"config error: {ckpt} holds a different model ({', '.join(f'{k} {saved.get(k)} vs {config[k]}' for k in diff)}): "
+                     f"use its settings or a new --out_dir")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd, "trainer": b""}
+        dcp.load(state, checkpoint_id=ckpt)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        trainer = pickle.loads(state["trainer"])
+        iter_num, best_val_loss = trainer["iter_num"], trainer["best_val_loss"]
+        try:
+            train_data.load_state_dict(trainer["data"])
+        except DataError as e:
+            sys.exit(f"data error: {e}")
+        torch.set_rng_state(trainer["rng"]["torch"])
+        np.random.set_state(trainer["rng"]["numpy"])
+        random.setstate(trainer["rng"]["python"])
+        if dev_type == "cuda" and trainer["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(trainer["rng"]["cuda"])
+        print(f"resumed from {ckpt} at iter {iter_num}")
+
+    def save_checkpoint():
+        """out_dir/ckpt_<iter>/ as a DCP directory, written under a temporary name and renamed when
+        complete; then out_dir/latest is switched to it. A crash at any point leaves the old one intact."""
+        name = f"ckpt_{iter_num}"
+        final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".{name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        trainer = {"iter_num": iter_num, "best_val_loss": best_val_loss, "data": train_data.state_dict(),
+                   "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                           "cuda": torch.cuda.get_rng_state() if dev_type == "cuda" else None}}
+        dcp.save({"model": model_sd, "optim": optim_sd, "trainer": pickle.dumps(trainer)}, checkpoint_id=tmp)
+        write_json_atomic(os.path.join(tmp, "config.json"), {**config, "tokenizer": meta.get("tokenizer"), "eot": meta.get("eot")})
+        if os.path.exists(final):  # saving the same iteration again (after a resume): swap, never delete first
+            os.rename(final, final + ".old")
+        os.rename(tmp, final)
+        with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+            f.write(name)
+        os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        for old in list_checkpoints(out_dir)[:-keep_last_n] if keep_last_n > 0 else []:
+            shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+        print(f"saved {final}")
+
+    raw_model = model
+    if use_compile:
+        model = torch.compile(model)
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over the first eval_iters batches of each split: the same batches every time, so
+        evals are comparable and resuming does not change them."""
+        model.eval()
+        out = {}
+        for split, loader in (("train", train_eval), ("val", val_data)):
+            loader.reset()
+            losses = torch.zeros(eval_iters)
+            for i in range(eval_iters):
+                x, y = loader.next_batch()
+                with ctx:
+                    _, loss, _ = model(x.to(dev), y.to(dev))
+                losses[i] = loss.item()
+            out[split] = losses.mean().item()
+        model.train()
+        return out
+
+    tokenizer = None
+    sampling = sample_every > 0
+
+    def sample_text():
+        nonlocal tokenizer
+        if tokenizer is None:
+            tokenizer = get_tokenizer(meta["tokenizer"])
+        g = torch.Generator(device=dev).manual_seed(seed + iter_num)  # its own RNG: sampling never shifts training
+        start = torch.tensor([[meta.get("eot", 0)]], device=dev)
+        raw_model.eval()
+        with ctx:
+            out = raw_model.generate(start, sample_tokens, temperature=temperature, top_k=top_k, generator=g)
+        raw_model.train()
+        return tokenizer.decode(out[0, 1:].tolist())
+
+    # ---- signals and heartbeat
+    flags = {"stop": False, "free": False}
+
+    def on_stop(signum, frame):
+        if flags["stop"]:  # second Ctrl-C: the user means it
+            raise KeyboardInterrupt
+        flags["stop"] = True
+        print(f"signal {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, lambda s, f: flags.update(free=True))
+    heartbeat_path = os.path.join(out_dir, "heartbeat.json")
+    last_beat = 0.0
+
+    def heartbeat(phase, force=False):
+        nonlocal last_beat
+        now = time.time()
+        if force or now - last_beat >= 1.0:
+            used, total = memory_gb(dev)
+            write_json_atomic(heartbeat_path, {"time": now, "pid": os.getpid(), "iter": iter_num, "phase": phase,
+                                               "device_mem_gb": used, "device_total_gb": total})
+            last_beat = now
+
+    # ---- the loop
+    n = param_counts(cfg)
+    tokens_per_iter = batch_size * block_size * grad_accum_steps
+    flops_per_iter = flops_per_token(cfg, block_size) * tokens_per_iter
+    peak = peak_flops(dev, dt)
+    print(f"device {dev} | dtype {dt} | compile {use_compile} | params {n['total'] / 1e6:.2f}M total, "
+          f"{n['active'] / 1e6:.2f}M active | {tokens_per_iter} tokens/iter")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    log_file = open(log_path, "a")
+
+    def log(record):
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    heartbeat("start", force=True)
+    t_last, tokens_since = time.time(), 0
+    while iter_num < max_iters and not flags["stop"]:
+        cur_lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = cur_lr
+        loss_sum = torch.zeros((), device=dev)
+        aux_sum = torch.zeros((), device=dev)
+        z_sum = torch.zeros((), device=dev)
+        load = torch.zeros(cfg.n_layer, cfg.n_expert, device=dev)
+        for _ in range(grad_accum_steps):
+            x, y = train_data.next_batch()
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            with ctx:
+                _, loss, stats = model(x, y)
+                total = loss + router_aux_loss_coef * stats["aux"] + router_z_loss_coef * stats["z"]
+            scaler.scale(total / grad_accum_steps).backward()
+            loss_sum += loss.detach()
+            aux_sum += stats["aux"].detach()
+            z_sum += stats["z"].detach()
+            load += stats["load"]
+        scaler.unscale_(optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        # one host sync per step: a non-finite loss must stop the run before the optimizer touches weights
+        lossf, gnormf = (torch.stack([loss_sum / grad_accum_steps, gnorm.float()])).tolist()
+        if not math.isfinite(lossf) or (not math.isfinite(gnormf) and dt != "float16"):
+            last = latest_checkpoint(out_dir)
+            sys.exit(f"stopping: {'loss' if not math.isfinite(lossf) else 'gradient norm'} is not finite at iter "
+                     f"{iter_num + 1}; weights not updated, last good checkpoint: {last or 'none'} "
+                     f"(try a lower --lr or --grad_clip)")
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        tokens_since += tokens_per_iter
+        heartbeat("train")
+
+        if iter_num % log_interval == 0 or iter_num == max_iters:
+            now = time.time()
+            tok_s = tokens_since / max(now - t_last, 1e-9)
+            t_last, tokens_since = now, 0
+            mfu = flops_per_iter / tokens_per_iter * tok_s / peak if peak else None
+            used, total_mem = memory_gb(dev)
+            auxf, zf = aux_sum.item() / grad_accum_steps, z_sum.item() / grad_accum_steps
+            print(f"iter {iter_num} | loss {lossf:.3f} | aux {auxf:.2f} | z {zf:.2f} | lr {cur_lr:.1e} | gnorm {gnormf:.2f} | "
+                  f"{tok_s / 1e3:.1f}k tok/s | mfu {f'{mfu:.0%}' if mfu is not None else '-'} | mem {used:.1f}/{total_mem:.1f} GB",
+                  flush=True)
+            record = {"iter": iter_num, "loss": lossf, "aux": auxf, "z": zf, "lr": cur_lr, "gnorm": gnormf,
+                      "tok_per_s": tok_s, "mfu": mfu, "mem_gb": used, "time": now}
+            if log_router_stats:
+                share = load / load.sum(dim=1, keepdim=True)
+                record["load_min"] = share.min(dim=1).values.tolist()
+                record["load_max"] = share.max(dim=1).values.tolist()
+            log(record)
+
+        if eval_interval > 0 and (iter_num % eval_interval == 0 or iter_num == max_iters):
+            heartbeat("eval", force=True)
+            losses = estimate_loss()
+            best_val_loss = min(best_val_loss, losses["val"])
+            print(f"eval {iter_num} | train {losses['train']:.3f} | val {losses['val']:.3f} | val ppl {math.exp(losses['val']):.1f}", flush=True)
+            log({"iter": iter_num, "eval": True, "train_loss": losses["train"], "val_loss": losses["val"],
+                 "val_ppl": math.exp(losses["val"]), "time": time.time()})
+
+        if sampling and iter_num % sample_every == 0:
+            try:
+                print(f"sample {iter_num} | {sample_text()!r}", flush=True)
+            except DataError as e:  # no tokenizer offline: keep training, stop trying
+                print(f"sampling off: {e}", flush=True)
+                sampling = False
+
+        if flags["free"]:
+            gc.collect()
+            if dev_type == "cuda":
+                torch.cuda.empty_cache()
+            elif dev_type == "mps":
+                torch.mps.empty_cache()
+            flags["free"] = False
+            print("freed cached memory (SIGUSR1)", flush=True)
+
+        if iter_num % save_every == 0 or iter_num == max_iters or flags["stop"]:
+            heartbeat("save", force=True)
+            save_checkpoint()
+
+    heartbeat("done", force=True)
+    log_file.close()
+
+
+if __name__ == "__main__":
+    main()
