@@ -1,11 +1,9 @@
 """Shared fixtures: a real English corpus that ships with Python (the standard library's docstrings),
 the real o200k tokenizer loaded offline, and helpers to run the scripts as a user would."""
-import ast
 import json
 import os
 import subprocess
 import sys
-import sysconfig
 
 import numpy as np
 import pytest
@@ -18,25 +16,15 @@ TOKENIZER = "o200k_base:4096"  # o200k's first 4096 merges: a real BPE with a vo
 
 
 def stdlib_docstrings(max_chars):
-    """Docstrings of the standard library's modules, in a fixed order: prose, real and always present."""
+    """The first max_chars of prepare_fineweb.py's default corpus: the standard library's docstrings."""
+    from prepare_fineweb import stdlib_docs
+
     parts, size = [], 0
-    stdlib = sysconfig.get_paths()["stdlib"]
-    for name in sorted(os.listdir(stdlib)):
-        if not name.endswith(".py"):
-            continue
-        try:
-            with open(os.path.join(stdlib, name), encoding="utf-8") as f:
-                tree = ast.parse(f.read())
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 200:
-                    parts.append(doc)
-                    size += len(doc)
-                    if size >= max_chars:
-                        return parts
+    for doc in stdlib_docs():
+        parts.append(doc)
+        size += len(doc)
+        if size >= max_chars:
+            break
     return parts
 
 

@@ -190,7 +190,8 @@ def test_bad_inputs_give_one_line_and_leave_the_checkpoint_alone(tmp_path, data_
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     out = str(tmp_path / "run")
     r = run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=50", "--eval_interval=0",
-                   "--save_every=1", "--warmup_iters=0", "--lr=1e6", "--grad_clip=0", "--weight_decay=0")
+                   "--save_every=1", "--warmup_iters=0", "--lr=1e30", "--grad_clip=0", "--weight_decay=0")
+    # lr 1e30: the first Adam update sets every weight to about +-1e30, so the next forward overflows fp32
     assert r.returncode != 0
     assert "is not finite" in r.stderr.strip().splitlines()[-1]
     bad_iter = int(r.stderr.split("at iter ")[1].split(";")[0])
