@@ -86,12 +86,15 @@ def hub_docs():
 _enc = None
 
 
-def _tokenize(doc):
+def _init_worker(name):
+    # passed explicitly: macOS spawns workers, which re-import this file and would see the default encoding
     global _enc
-    if _enc is None:
-        from data_loader import get_tokenizer
+    from data_loader import get_tokenizer
 
-        _enc = get_tokenizer(encoding)
+    _enc = get_tokenizer(name)
+
+
+def _tokenize(doc):
     return np.array([_enc.eot_token] + _enc.encode_ordinary(doc), dtype=np.uint32)
 
 
@@ -123,7 +126,7 @@ def main():
         tokens[split] += len(arr)
         shard += 1
 
-    with mp.Pool(workers or os.cpu_count()) as pool:
+    with mp.Pool(workers or os.cpu_count(), initializer=_init_worker, initargs=(encoding,)) as pool:
         for toks in pool.imap(_tokenize, docs, chunksize=16):
             documents["val" if shard == 0 else "train"] += 1  # a document counts where it starts
             buf.append(toks)
