@@ -10,7 +10,6 @@ import json
 import os
 
 import numpy as np
-import torch
 
 
 class DataError(ValueError):
@@ -100,6 +99,8 @@ class DataLoader:
             if self.shard == len(self.shards):
                 self.shard, self.epoch = 0, self.epoch + 1
         start = self.pos + self.rank * self.B * self.T
+        import torch  # here, not at the top: prepare_fineweb and safe_train import this file without needing torch
+
         buf = torch.from_numpy(self.shards[self.shard][start:start + self.B * self.T + 1].astype(np.int64))
         self.pos += step
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
@@ -114,6 +115,19 @@ class DataLoader:
         self.shard, self.pos, self.epoch = state["shard"], state["pos"], state["epoch"]
 
 
+# tiktoken caches its BPE files in $TIKTOKEN_CACHE_DIR (default: a temp folder the OS may wipe); ours
+# defaults to the repo's .cache/tiktoken so a file installed once (see install_tokenizer_file) stays put
+CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache", "tiktoken")
+if "TIKTOKEN_CACHE_DIR" not in os.environ and "DATA_GYM_CACHE_DIR" not in os.environ:
+    os.environ["TIKTOKEN_CACHE_DIR"] = CACHE_DIR
+BPE_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+BPE_FILE = {"o200k_base": "o200k_base", "o200k_harmony": "o200k_base", "cl100k_base": "cl100k_base",
+            "p50k_base": "p50k_base", "p50k_edit": "p50k_base", "r50k_base": "r50k_base"}
+OFFLINE_HELP = ("offline, pass --tokenizer_file=FILE (a .tiktoken file, its .gz, or the bpe-openai wheel from "
+                "`pip download --no-deps bpe-openai==0.1.4`, which carries o200k_base and cl100k_base) or put the "
+                "file in $TIKTOKEN_CACHE_DIR (README, 'Offline tokenizers')")
+
+
 def get_tokenizer(name):
     """A tiktoken encoding by name. 'o200k_base:N' is o200k_base cut to its first N merges plus
     <|endoftext|> as token N: a real byte-level BPE (o200k's first 256 ranks are the 256 bytes and every
@@ -124,14 +138,66 @@ def get_tokenizer(name):
     base, _, cut = name.partition(":")
     try:
         enc = tiktoken.get_encoding(base)
-    except ValueError:
+    except ValueError as e:
+        if "Unknown encoding" not in str(e):
+            raise DataError(f"cannot load tokenizer {base!r} ({e}); {OFFLINE_HELP}")
         raise DataError(f"unknown tokenizer {base!r}: use one of {', '.join(tiktoken.list_encoding_names())}")
     except Exception as e:
-        raise DataError(f"cannot load tokenizer {base!r} ({type(e).__name__}): offline, put its BPE file in "
-                        f"$TIKTOKEN_CACHE_DIR (see README, 'Offline tokenizers')")
+        raise DataError(f"cannot load tokenizer {base!r} ({type(e).__name__}, no network?); {OFFLINE_HELP}")
     if not cut:
         return enc
     n = int(cut)
     ranks = {tok: r for tok, r in enc._mergeable_ranks.items() if r < n}
     assert len(ranks) == n, f"{base} has gaps below rank {n}"
     return tiktoken.Encoding(name=name, pat_str=enc._pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": n})
+
+
+def install_tokenizer_file(path, name):
+    """Copy a BPE file into tiktoken's cache under the name tiktoken looks for (the sha1 of its URL), so
+    every script loads `name` offline from then on. The file is first loaded from a scratch cache, where
+    tiktoken checks its sha256, so that a wrong file never replaces a good one."""
+    import gzip
+    import hashlib
+    import shutil
+    import tempfile
+    import zipfile
+
+    import tiktoken_ext.openai_public as registry
+
+    base = name.partition(":")[0]
+    if base not in BPE_FILE:
+        raise DataError(f"--tokenizer_file works for {', '.join(BPE_FILE)}; for {base!r} put its files in $TIKTOKEN_CACHE_DIR")
+    want = BPE_FILE[base] + ".tiktoken"
+    try:
+        if zipfile.is_zipfile(path):  # a wheel such as bpe-openai's: find the file inside
+            with zipfile.ZipFile(path) as z:
+                members = [m for m in z.namelist() if m.endswith((want, want + ".gz"))]
+                if not members:
+                    raise DataError(f"--tokenizer_file {path} holds no {want}[.gz]")
+                data = z.read(members[0])
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        raise DataError(f"--tokenizer_file {path}: {e.strerror}")
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    cache = os.environ["TIKTOKEN_CACHE_DIR"] if "TIKTOKEN_CACHE_DIR" in os.environ else os.environ.get("DATA_GYM_CACHE_DIR", CACHE_DIR)
+    key = hashlib.sha1(BPE_URL.format(BPE_FILE[base]).encode()).hexdigest()
+    with tempfile.TemporaryDirectory() as scratch:
+        with open(os.path.join(scratch, key), "wb") as f:
+            f.write(data)
+        os.environ["TIKTOKEN_CACHE_DIR"] = scratch
+        try:
+            registry.ENCODING_CONSTRUCTORS[base]()  # loads the file and checks its sha256
+            ok = os.path.exists(os.path.join(scratch, key))
+        except Exception:
+            ok = False
+        finally:
+            os.environ["TIKTOKEN_CACHE_DIR"] = cache
+        if not ok:
+            raise DataError(f"--tokenizer_file {path} is not {base}'s BPE file (its sha256 does not match)")
+        os.makedirs(cache, exist_ok=True)
+        shutil.copyfile(os.path.join(scratch, key), os.path.join(cache, key) + ".tmp")
+        os.replace(os.path.join(cache, key) + ".tmp", os.path.join(cache, key))
+    return get_tokenizer(name)

@@ -1,35 +1,57 @@
 """
 Text -> token shards + meta.json, the format data_loader.py reads.
-    python prepare_fineweb.py --corpus=stdlib --encoding=o200k_base:32768 --out_dir=data/mac_micro   # no network
-    python prepare_fineweb.py --input=my_texts/ --out_dir=data/mine                                  # .txt / .jsonl
-    python prepare_fineweb.py --out_dir=data/fineweb_edu                                             # FineWeb-Edu
-Documents are separated by <|endoftext|>. Shard 0 is validation (the first val_tokens tokens), then train
-shards of shard_size tokens; uint16 when the vocabulary fits, else uint32. Each shard is written under a
-temporary name and renamed when complete.
+    python prepare_fineweb.py                                          # FineWeb-Edu sample-10BT from the hub, o200k_base
+    python prepare_fineweb.py --name=sample-100BT --max_tokens=2000000000  # another subset, cut short
+    python prepare_fineweb.py --input=my_texts/ --out_dir=data/mine    # local .txt / .jsonl / .parquet files or folders
+    python prepare_fineweb.py --corpus=stdlib --encoding=o200k_base:32768 --out_dir=data/mac_micro   # no network at all
+Documents are joined with <|endoftext|> before each one. Shard 0 is validation (the first val_tokens
+tokens), then train shards of shard_size tokens; uint16 when the vocabulary fits, else uint32.
+
+Resumable: each shard is written under a temporary name and renamed, then prepare_state.json records where
+the next shard starts (document index and token offset). Rerun the same command after an interruption and
+it keeps the finished shards, skips the documents they hold, and writes the rest; the result is
+byte-identical to an uninterrupted run. meta.json is written last: a data_dir without one is unfinished.
 """
 import ast
+import glob
 import json
 import multiprocessing as mp
 import os
+import re
+import socket
 import sys
 import sysconfig
+import time
+import urllib.parse
 
 import numpy as np
 
-corpus = "fineweb-edu"  # fineweb-edu (the hub, needs `datasets` and a network) | stdlib (ships with Python)
-name = "sample-10BT"  # the FineWeb-Edu subset
-input = ""  # comma-separated .txt / .jsonl files or folders; replaces --corpus
-encoding = "o200k_base"  # a tiktoken name; o200k_base:N keeps its first N merges (see data_loader.get_tokenizer)
+corpus = "fineweb-edu"  # fineweb-edu (the hub: needs `datasets` and a network) | stdlib (ships with Python)
+name = "sample-10BT"  # the FineWeb-Edu subset: sample-10BT, sample-100BT, sample-350BT, CC-MAIN-2024-10, ...
+input = ""  # comma-separated .txt / .jsonl / .parquet files or folders; replaces --corpus
+encoding = "o200k_base"  # a tiktoken name (o200k_base, o200k_harmony, cl100k_base, gpt2, ...); o200k_base:N = its first N merges
+tokenizer_file = ""  # offline: the encoding's .tiktoken file (or .gz, or the bpe-openai wheel); installed into tiktoken's cache
 out_dir = "data/fineweb_edu"
 shard_size = 100_000_000  # tokens per train shard
-val_tokens = 1_000_000
-max_tokens = 0  # stop after this many tokens (0 = all)
+val_tokens = 1_000_000  # tokens in the validation shard (shard 0)
+max_tokens = 0  # stop after exactly this many tokens (0 = the whole corpus)
 workers = 0  # tokenizer processes (0 = all cores)
+batch_docs = 64  # documents per task sent to a worker: fewer, larger messages between processes
 
+
+class PrepareError(Exception):
+    """A bad input or setting; the message is one line that names it and the fix."""
+
+
+def fail(msg):
+    raise PrepareError(msg)  # not sys.exit: this may run in the pool's feeder thread, which imap re-raises from
+
+
+# ----------------------------------------------------------------------------- sources of documents
 
 def stdlib_docs():
     """Docstrings of the Python standard library: English prose that every Python install carries, so a
-    first run needs no download (a few MB; enough to watch a small model learn, not to make it good)."""
+    first run needs no download (1.6 MB; enough to watch a small model learn, not to make it good)."""
     stdlib = sysconfig.get_paths()["stdlib"]
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
     for root, dirs, files in os.walk(stdlib):
@@ -47,41 +69,100 @@ def stdlib_docs():
                         yield doc
 
 
-def file_docs(paths):
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def list_inputs(paths):
+    """Files named by --input (folders are walked), checked up front so that a bad one fails before any work."""
     files = []
     for p in paths:
         if os.path.isdir(p):
-            files += sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs if f.endswith((".txt", ".jsonl")))
-        elif os.path.exists(p):
-            files.append(p)
+            found = sorted(os.path.join(r, f) for r, _, fs in os.walk(p) for f in fs if f.endswith(SUFFIXES))
+            if not found:
+                fail(f"input folder {p} has no .txt, .jsonl or .parquet files")
+            files += found
+        elif not os.path.exists(p):
+            fail(f"input {p} does not exist: check the path given to --input")
+        elif not p.endswith(SUFFIXES):
+            fail(f"input {p} is not .txt, .jsonl or .parquet")
         else:
-            sys.exit(f"prepare_fineweb.py: input {p} does not exist")
+            files.append(p)
     for path in files:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                for i, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)["text"]
-                        except (json.JSONDecodeError, KeyError):
-                            sys.exit(f"prepare_fineweb.py: {path}:{i} is not a JSON object with a 'text' field")
-            else:
-                yield f.read()
+        if path.endswith(".parquet"):
+            columns = parquet_file(path).schema_arrow.names
+            if "text" not in columns:
+                fail(f"{path} has no 'text' column (it has {', '.join(columns) or 'none'}): rename the column or convert the file")
+    return files
 
 
-def hub_docs():
+def parquet_file(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        fail("parquet input needs pyarrow: pip install pyarrow (it comes with `datasets`)")
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:
+        fail(f"{path} is not a readable parquet file ({type(e).__name__}: {e})")
+
+
+def count_docs(files):
+    """Documents in the input files, for the progress bar's ETA (parquet keeps the count in its footer)."""
+    n = 0
+    for path in files:
+        if path.endswith(".parquet"):
+            n += parquet_file(path).metadata.num_rows
+        elif path.endswith(".jsonl"):
+            with open(path, "rb") as f:
+                n += sum(1 for line in f if line.strip())
+        else:
+            n += 1
+    return n
+
+
+def text_docs(path):
+    with open(path, encoding="utf-8") as f:
+        if not path.endswith(".jsonl"):
+            yield f.read()
+            return
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    fail(f"{path}:{i} is not a JSON object with a 'text' field")
+                if not isinstance(text, str):
+                    fail(f"{path}:{i}: 'text' is a {type(text).__name__}, not a string")
+                yield text
+
+
+def open_hub():
+    """FineWeb-Edu streamed from the hub, opened here in the main process so that no network fails fast,
+    with one line, before any worker starts (the hub client would otherwise retry for half a minute)."""
+    offline_help = (f"offline, download FineWeb-Edu's parquet files elsewhere (huggingface.co/datasets/"
+                    f"HuggingFaceFW/fineweb-edu, folder sample/{name.removeprefix('sample-')}/) and pass --input=FOLDER, or use --corpus=stdlib")
     try:
         from datasets import load_dataset
+        from datasets.utils.logging import set_verbosity_error
+        from huggingface_hub.utils import logging as hub_logging
     except ImportError:
-        sys.exit("prepare_fineweb.py: the hub path needs `pip install datasets`; offline, use --corpus=stdlib or --input")
+        fail("the hub path needs `pip install datasets`; " + offline_help)
+    if not os.environ.get("HF_HUB_OFFLINE"):  # cached datasets work with HF_HUB_OFFLINE=1
+        host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+        try:
+            socket.create_connection((host, 443), timeout=10).close()
+        except OSError as e:
+            fail(f"cannot reach {host} ({e.strerror or type(e).__name__}); {offline_help}")
+    set_verbosity_error()
+    hub_logging.set_verbosity_error()
     try:
         ds = load_dataset("HuggingFaceFW/fineweb-edu", name=name, split="train", streaming=True)
-        for row in ds:
-            yield row["text"]
     except Exception as e:
-        sys.exit(f"prepare_fineweb.py: cannot stream FineWeb-Edu ({type(e).__name__}); offline, download its parquet "
-                 f"files elsewhere and pass --input, or use --corpus=stdlib")
+        fail(f"cannot open FineWeb-Edu {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {offline_help}")
+    return (row["text"] for row in ds)
 
+
+# ----------------------------------------------------------------------------- tokenizing in worker processes
 
 _enc = None
 
@@ -94,64 +175,199 @@ def _init_worker(name):
     _enc = get_tokenizer(name)
 
 
-def _tokenize(doc):
-    return np.array([_enc.eot_token] + _enc.encode_ordinary(doc), dtype=np.uint32)
+def _tokenize(task):
+    """A task -> one array of its documents' tokens, EOT before each, and each document's length (0 for an
+    empty one). A task is a list of documents, or a parquet row group that the worker reads itself: the
+    main process then only collects tokens, instead of decoding and pickling every document."""
+    if task[0] == "parquet":
+        _, path, group, start = task
+        docs = parquet_file(path).read_row_group(group, columns=["text"]).column(0).to_pylist()[start:]
+    else:
+        docs = task[1]
+    eot, arrays = [_enc.eot_token], []
+    for doc in docs:
+        arrays.append(np.array(eot + _enc.encode_ordinary(doc) if doc else [], dtype=np.uint32))
+    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+    return (np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)), lengths
+
+
+def make_tasks(sources, skip):
+    """Tasks in document order, leaving out the first `skip` documents (already in finished shards) without
+    tokenizing them. A source is a parquet path, or an iterator of documents."""
+    seen, batch = 0, []
+    for src in sources:
+        if isinstance(src, str):  # parquet: one task per row group; the footer says how many rows each has
+            if batch:
+                yield ("docs", batch)
+                batch = []
+            meta = parquet_file(src).metadata
+            for g in range(meta.num_row_groups):
+                rows = meta.row_group(g).num_rows
+                if seen + rows > skip:
+                    yield ("parquet", src, g, max(0, skip - seen))
+                seen += rows
+            continue
+        for doc in src:
+            if seen >= skip:
+                batch.append(doc)
+                if len(batch) == batch_docs:
+                    yield ("docs", batch)
+                    batch = []
+            seen += 1
+    if batch:
+        yield ("docs", batch)
+
+
+# ----------------------------------------------------------------------------- shards and the resume state
+
+def write_atomic(path, write):
+    with open(path + ".tmp", "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def save_state(state):
+    write_atomic(os.path.join(out_dir, "prepare_state.json"), lambda f: f.write(json.dumps(state, indent=1).encode()))
+
+
+def load_state(args):
+    """The resume point of an earlier run of the same command in out_dir, or a fresh start."""
+    path = os.path.join(out_dir, "prepare_state.json")
+    fresh = {"args": args, "shards": 0, "next_doc": 0, "skip_tokens": 0, "tokens": {"val": 0, "train": 0},
+             "documents": {"val": 0, "train": 0}}
+    if not os.path.exists(path):
+        if glob.glob(os.path.join(out_dir, "*_train_*.npy")) + glob.glob(os.path.join(out_dir, "*_val_*.npy")):
+            fail(f"{out_dir} already holds shards with no prepare_state.json to resume from: use an empty --out_dir")
+        return fresh
+    with open(path) as f:
+        state = json.load(f)
+    if state["args"] != args:
+        diff = ", ".join(f"{k}={state['args'].get(k)!r} there, {v!r} now" for k, v in args.items() if state["args"].get(k) != v)
+        fail(f"{out_dir} holds a different preparation ({diff}): use a new --out_dir, or delete it to start over")
+    return state
 
 
 def main():
     from configurator import configure
-    from data_loader import DataError, get_tokenizer
+    from data_loader import DataError, get_tokenizer, install_tokenizer_file
 
     configure(globals())
+    global max_tokens, shard_size, val_tokens
+    max_tokens, shard_size, val_tokens = int(max_tokens), int(shard_size), int(val_tokens)
+    if shard_size <= 0 or val_tokens <= 0:
+        fail("--shard_size and --val_tokens must be positive")
+    files = list_inputs(input.split(",")) if input else None
     try:
-        enc = get_tokenizer(encoding)
+        enc = install_tokenizer_file(tokenizer_file, encoding) if tokenizer_file else get_tokenizer(encoding)
     except DataError as e:
-        sys.exit(f"prepare_fineweb.py: {e}")
-    dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
-    docs = file_docs(input.split(",")) if input else stdlib_docs() if corpus == "stdlib" else hub_docs()
-    dataset = input or (corpus if corpus == "stdlib" else f"fineweb-edu/{name}")
-    prefix = "stdlib" if corpus == "stdlib" and not input else "text" if input else "edufineweb"
-    os.makedirs(out_dir, exist_ok=True)
+        fail(str(e))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to --out_dir {out_dir} ({e.strerror}): pick a folder you can write to")
 
-    shard, total, n, buf = 0, 0, 0, []
-    tokens, documents = {"val": 0, "train": 0}, {"val": 0, "train": 0}
+    if files:
+        sources = [p if p.endswith(".parquet") else text_docs(p) for p in files]
+        dataset, prefix, n_docs = input, "text", count_docs(files)
+    elif corpus == "stdlib":
+        sources, dataset, prefix, n_docs = [stdlib_docs()], "python-stdlib-docstrings", "stdlib", None
+    elif corpus == "fineweb-edu":
+        sources, dataset, prefix = [open_hub()], f"HuggingFaceFW/fineweb-edu/{name}", "edufineweb"
+        m = re.fullmatch(r"sample-(\d+)BT", name)  # ETA only: the sample's size in GPT-2 tokens, close for o200k
+        n_docs = None
+        est_tokens = int(m.group(1)) * 10**9 if m else None
+    else:
+        fail(f"--corpus={corpus!r}: use fineweb-edu, stdlib, or --input=FILES")
+    dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
+    args = {"dataset": dataset, "encoding": encoding, "shard_size": shard_size, "val_tokens": val_tokens, "max_tokens": max_tokens}
+    state = load_state(args)
+    for tmp in glob.glob(os.path.join(out_dir, "*.tmp")):  # left by an interrupted write
+        os.remove(tmp)
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        print(f"{out_dir} is already complete ({state['shards']} shards); delete it to prepare again")
+        return
 
-    def write(arr):
-        nonlocal shard
-        split = "val" if shard == 0 else "train"
-        path = os.path.join(out_dir, f"{prefix}_{split}_{shard:06d}.npy")
-        with open(path + ".tmp", "wb") as f:
-            np.save(f, arr.astype(dtype))
-        os.replace(path + ".tmp", path)
-        tokens[split] += len(arr)
-        shard += 1
+    from tqdm import tqdm
 
+    total = state["tokens"]["val"] + state["tokens"]["train"]
+    # a live bar on a terminal; in a log file, one line per shard instead
+    bar = tqdm(initial=total, unit="tok", unit_scale=True, smoothing=0.05, dynamic_ncols=True,
+               desc=f"tokenizing {dataset}", disable=not sys.stderr.isatty())
+    if max_tokens:
+        bar.total = max_tokens
+    elif corpus == "fineweb-edu" and not files:
+        bar.total = est_tokens
+    buf, n = [], 0  # tokens waiting for the current shard
+    doc_i, skip = state["next_doc"], state["skip_tokens"]  # the document the next shard starts in, and its tokens already written
+
+    def write(arr, next_doc, skip_tokens):
+        split = "val" if state["shards"] == 0 else "train"
+        path = os.path.join(out_dir, f"{prefix}_{split}_{state['shards']:06d}.npy")
+        write_atomic(path, lambda f: np.save(f, arr.astype(dtype, copy=False)))
+        state["tokens"][split] += len(arr)
+        state["shards"] += 1
+        state["next_doc"], state["skip_tokens"] = next_doc, skip_tokens
+        save_state(state)  # after the shard: a crash between the two rewrites the same shard
+        if bar.disable:
+            rate = (total - total0) / max(time.time() - t0, 1e-9)
+            print(f"{os.path.basename(path)}: {len(arr):,} tokens ({total:,} so far, {rate:,.0f} tok/s)", flush=True)
+
+    done, t0, total0 = False, time.time(), total
     with mp.Pool(workers or os.cpu_count(), initializer=_init_worker, initargs=(encoding,)) as pool:
-        for toks in pool.imap(_tokenize, docs, chunksize=16):
-            documents["val" if shard == 0 else "train"] += 1  # a document counts where it starts
-            buf.append(toks)
-            n += len(toks)
-            total += len(toks)
-            limit = val_tokens if shard == 0 else shard_size
-            while n >= limit:  # a shard is full: write it, carry the rest over
-                flat = np.concatenate(buf)
-                write(flat[:limit])
-                buf, n = [flat[limit:]], len(flat) - limit
-                limit = shard_size
-            if max_tokens and total >= max_tokens:
+        for toks, lengths in pool.imap(_tokenize, make_tasks(sources, doc_i), chunksize=1):
+            before = total
+            starts = np.concatenate([[0], np.cumsum(lengths)])
+            for j in range(len(lengths)):
+                doc = toks[starts[j]:starts[j + 1]]
+                if not len(doc):  # an empty document: no EOT, not counted, but it keeps its index
+                    doc_i += 1
+                    continue
+                offset = skip  # tokens of this document already in finished shards
+                if skip:  # the document the last finished shard cut through: it already counted
+                    doc, skip = doc[skip:], 0
+                else:
+                    state["documents"]["val" if state["shards"] == 0 else "train"] += 1  # counts where it starts
+                if max_tokens and total + len(doc) >= max_tokens:
+                    doc, done = doc[:max_tokens - total], True
+                buf.append(doc)
+                n += len(doc)
+                total += len(doc)
+                limit = val_tokens if state["shards"] == 0 else shard_size
+                while n >= limit:  # a shard is full: write it, carry the rest of this document over
+                    flat = np.concatenate(buf)
+                    buf, n = [flat[limit:]], len(flat) - limit
+                    write(flat[:limit], doc_i, offset + len(doc) - n)
+                    limit = shard_size
+                doc_i += 1
+                if done:
+                    break
+            bar.update(total - before)
+            if n_docs:
+                bar.total = int(total * n_docs / max(doc_i, 1))
+            if done:
                 break
     if n:
-        write(np.concatenate(buf))
+        write(np.concatenate(buf), doc_i, 0)
+    bar.close()
     if total == 0:
-        sys.exit("prepare_fineweb.py: the corpus is empty")
-    if shard < 2:
-        sys.exit(f"prepare_fineweb.py: only {total} tokens, all of them validation: lower --val_tokens (now {val_tokens})")
+        fail("the corpus is empty: no document had any text")
+    if state["shards"] < 2:
+        fail(f"only {total} tokens, all of them validation: lower --val_tokens (now {val_tokens})")
     meta = {"tokenizer": encoding, "vocab_size": enc.n_vocab, "dtype": np.dtype(dtype).name, "eot": enc.eot_token,
-            "dataset": dataset, "tokens": tokens, "documents": documents}
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    print(f"wrote {shard} shards to {out_dir}: {meta['tokens']['val']} val + {meta['tokens']['train']} train tokens")
+            "dataset": dataset, "tokens": state["tokens"], "documents": state["documents"]}
+    write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    print(f"wrote {state['shards']} shards to {out_dir}: {meta['tokens']['val']:,} val + {meta['tokens']['train']:,} "
+          f"train tokens from {sum(meta['documents'].values()):,} documents")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except PrepareError as e:
+        sys.exit(f"prepare_fineweb.py: {e}")

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,27 +27,17 @@ def stdlib_docstrings(max_chars):
     return parts
 
 
-def write_data_dir(path, docs, tokenizer=TOKENIZER, val_docs=20):
-    """Tokenize docs (EOT between them) into one val and one train shard plus meta.json."""
-    from data_loader import get_tokenizer
-
-    enc = get_tokenizer(tokenizer)
+def write_data_dir(path, docs, tokenizer=TOKENIZER, val_tokens=2000):
+    """docs -> a .jsonl file -> prepare_fineweb.py, as a user would make a data_dir from their own text."""
     os.makedirs(path, exist_ok=True)
-    splits = {"val": docs[:val_docs], "train": docs[val_docs:]}
-    dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
-    counts = {}
-    for i, (split, ds) in enumerate(splits.items()):
-        toks = []
-        for d in ds:
-            toks.append(enc.eot_token)
-            toks.extend(enc.encode_ordinary(d))
-        np.save(os.path.join(path, f"docs_{split}_{i:06d}.npy"), np.array(toks, dtype=dtype))
-        counts[split] = len(toks)
-    meta = {"tokenizer": tokenizer, "vocab_size": enc.n_vocab, "dtype": np.dtype(dtype).name, "eot": enc.eot_token,
-            "dataset": "stdlib-docstrings", "tokens": counts}
-    with open(os.path.join(path, "meta.json"), "w") as f:
-        json.dump(meta, f)
-    return meta
+    src = os.path.join(path + "_src.jsonl")
+    with open(src, "w") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    r = run_script("prepare_fineweb.py", f"--input={src}", f"--encoding={tokenizer}", f"--out_dir={path}",
+                   f"--val_tokens={val_tokens}", "--shard_size=10000000")
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(path, "meta.json")) as f:
+        return json.load(f)
 
 
 @pytest.fixture(scope="session")
