@@ -2,8 +2,8 @@
 The GPT-OSS network at any size, in the order of the forward pass:
 RMSNorm -> RoPE (with YaRN) -> attention (GQA, sinks, sliding window) -> SwiGLU experts -> MoE -> block -> GPT.
 Parameter names match Hugging Face GptOssForCausalLM (add "model." in front of all but lm_head), so an
-exporter is a rename. Also here: parameter counts and FLOPs per token, from a config alone.
-This file imports nothing of ours and nothing of torch.distributed.
+exporter is a rename. Also here, from a config alone: parameter counts, FLOPs per token and a memory estimate.
+This file imports nothing of ours; of torch.distributed only DTensor, lazily, to initialise a sharded model.
 """
 import math
 from dataclasses import dataclass
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -257,26 +258,41 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        # tied: the head reads embed_tokens.weight directly, so there is one parameter, not two sharing a
+        # tensor (to_empty() and FSDP would quietly untie those)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         cos, sin = rope_tables(cfg, cfg.block_size)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # training-time memory savers, not architecture (train.py sets them): recompute each block in the
+        # backward instead of keeping its activations; compute the loss this many tokens at a time, so the
+        # [tokens, vocab] logits never exist whole (0 = all at once)
+        self.activation_checkpointing = False
+        self.loss_chunk = 0
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
-        # GPT-2 style: N(0, 0.02), biases 0, projections into the residual scaled by 1/sqrt(2 * n_layer)
+        """GPT-2 style: N(0, 0.02), biases 0, projections into the residual scaled by 1/sqrt(2 * n_layer).
+        Each parameter's full values are drawn on the CPU, in a fixed order, from the global RNG, then
+        copied in: the same numbers on any device, after to_empty() from the meta device, or sharded over
+        any number of ranks (a DTensor keeps its own shard), so runs on 1 and on 8 GPUs start alike."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            full = torch.empty(p.shape)
             if p.dim() >= 2:
                 resid = name.endswith(("o_proj.weight", "down_proj"))
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer) if resid else std)
-            elif name.endswith("norm.weight"):
-                nn.init.ones_(p)
+                full.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer) if resid else std)
             else:
-                nn.init.zeros_(p)
+                full.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+            if hasattr(p, "device_mesh"):  # an FSDP shard: keep this rank's slice, no communication
+                from torch.distributed.tensor import distribute_tensor
+
+                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p = p.to_local()
+            p.copy_(full)
         if self.rope_cos.device.type != "meta":  # recompute: to_empty() leaves buffers uninitialised
             self.rope_cos, self.rope_sin = rope_tables(self.cfg, self.cfg.block_size, self.rope_cos.device)
 
@@ -290,15 +306,21 @@ class GPT(nn.Module):
         x = self.embed_tokens(idx)
         aux, z, load = [], [], []
         for block in self.layers:
-            x, a, zz, l = block(x, cos, sin)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x, a, zz, l = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, a, zz, l = block(x, cos, sin)
             aux.append(a)
             z.append(zz)
             load.append(l)
         x = self.norm(x)
         stats = {"aux": torch.stack(aux).mean(), "z": torch.stack(z).mean(), "load": torch.stack(load)}
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None, stats  # generation needs the last position only
-        logits = self.lm_head(x)
+            return F.linear(x[:, [-1], :], head), None, stats  # generation needs the last position only
+        if self.loss_chunk:
+            return None, chunked_cross_entropy(x, head, targets, self.loss_chunk), stats
+        logits = F.linear(x, head)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss, stats
 
@@ -319,6 +341,22 @@ class GPT(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------
 # Sizes and costs from a config alone (no weights built), for logs, MFU, the README and the supervisor.
+
+def chunked_cross_entropy(x, head, targets, chunk):
+    """Mean next-token loss, `chunk` tokens at a time. With gradients on, each chunk's logits are
+    recomputed in the backward (checkpoint), so at most one chunk of [tokens, vocab] logits is alive:
+    with a 201k vocabulary that is the difference between 13 GB and 0.8 GB for 16k tokens."""
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+
+    def piece(xs, ts):
+        return F.cross_entropy(F.linear(xs, head).float(), ts, ignore_index=-1, reduction="sum")
+
+    total = 0.0
+    for i in range(0, len(targets), chunk):
+        xs, ts = x[i:i + chunk], targets[i:i + chunk]
+        total = total + (checkpoint(piece, xs, ts, use_reentrant=False) if torch.is_grad_enabled() else piece(xs, ts))
+    return total / (targets != -1).sum().clamp(min=1)
+
 
 def param_counts(cfg):
     """total, active (per token) and embedding parameter counts."""
@@ -349,3 +387,68 @@ def flops_per_token(cfg, seq_len):
 
 def output_layer_flops_share(cfg, seq_len):
     return 6 * cfg.vocab_size * cfg.n_embd / flops_per_token(cfg, seq_len)
+
+
+def activation_elements(cfg, tokens):
+    """Elements the backward keeps per layer for `tokens` tokens, counted from this file's forward with
+    saved-tensor hooks (tests/test_model.py checks the count): SwiGLU experts keep 7 tensors of k x I per
+    token (gate_up out, clamp and sigmoid intermediates, down_proj in), the dispatch 2 of k x d, attention
+    4 of H x padded head_dim (SDPA's q, k, v, out), plus norms and projection inputs."""
+    hp = -(-(cfg.head_dim + (1 if cfg.sinks else 0)) // 8) * 8
+    k, d = cfg.experts_per_token, cfg.n_embd
+    per_token = 7 * k * cfg.intermediate_size + 2 * k * d + 4 * cfg.n_head * hp + 6 * d + cfg.n_head * cfg.head_dim
+    return per_token * tokens
+
+
+def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_size=1, device="cpu",
+                    activation_checkpointing=False, loss_chunk=0):
+    """Peak training memory per device, in bytes, by part, from a config alone. AdamW with fp32 master
+    weights, gradients and two moments, all sharded over world_size (FSDP); under FSDP one layer is
+    gathered at a time (plus the next, prefetched). Activations as activation_elements counts them;
+    bf16 autocast keeps about 0.78x the bytes of fp32 (measured 0.73-0.82x: it saves fp32 and bf16 copies).
+    Logits: the float copy, log-softmax and its gradient, for the whole micro batch or one loss_chunk.
+    'process' is what the runtime holds before any tensor: Python + torch on CPU, the CUDA context."""
+    T = block_size or cfg.block_size
+    tokens = batch_size * T
+    n = param_counts(cfg)
+    P, shard = n["total"], n["total"] / world_size
+    act_bytes = 4.0 if dtype == "float32" else 3.1
+    per_layer = activation_elements(cfg, tokens) * act_bytes
+    if activation_checkpointing:  # keep each block's input, recompute one block at a time
+        activations = cfg.n_layer * tokens * cfg.n_embd * 4 + per_layer
+    else:
+        activations = cfg.n_layer * per_layer
+    chunk = min(loss_chunk or tokens, tokens)
+    logits = chunk * cfg.vocab_size * (12 + (2 if dtype != "float32" else 0))
+    layer_params = (P - n["embedding"]) / cfg.n_layer
+    gathered = 0 if world_size == 1 else layer_params * (2 if device == "cuda" and dtype == "bfloat16" else 4) * 2 + layer_params * 4
+    parts = {"weights": 4 * shard, "grads": 4 * shard, "optimizer": 8 * shard, "gathered": gathered,
+             "activations": activations, "logits": logits,
+             "process": {"cpu": 0.35e9, "cuda": 0.5e9, "mps": 0.35e9}.get(device, 0.35e9)}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+if __name__ == "__main__":  # python model.py config/8b_moe.py: counts and memory per device, on the meta device
+    import runpy
+    import sys
+    from dataclasses import fields
+
+    settings = {}
+    for path in sys.argv[1:]:
+        settings.update(runpy.run_path(path))
+    cfg = GPTConfig(**{f.name: settings[f.name] for f in fields(GPTConfig) if f.name in settings})
+    with torch.device("meta"):
+        built = sum(p.numel() for p in GPT(cfg).parameters())
+    n = param_counts(cfg)
+    assert built == n["total"], (built, n["total"])
+    print(f"parameters: {n['total']:,} total | {n['active']:,} active per token | {n['active'] - n['embedding']:,} active "
+          f"without the embedding and output matrices ({n['embedding']:,})")
+    B, T = settings.get("batch_size", 8), settings.get("block_size", cfg.block_size)
+    dtype = settings.get("dtype", "float32")
+    for device, world in (("cpu", 1), ("cuda", 1), ("cuda", 8)):
+        dt = "bfloat16" if device == "cuda" and dtype in ("auto", "bfloat16") else "float32" if dtype == "auto" else dtype
+        m = memory_estimate(cfg, B, T, dt, world, device, settings.get("activation_checkpointing", False),
+                            settings.get("loss_chunk", 0))
+        print(f"memory per device, {device} x{world} {dt}, micro batch {B} x {T}: {m['total'] / 1e9:.1f} GB ("
+              + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in m.items() if k != "total") + ")")

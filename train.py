@@ -1,7 +1,9 @@
 """
-Train a GPT-OSS-style Mixture-of-Experts model on one device (CUDA, Apple MPS or CPU, picked for you):
+Train a GPT-OSS-style Mixture-of-Experts model on one device (CUDA, Apple MPS or CPU, picked for you)
+or on many under torchrun (FSDP2, one process per GPU):
     python train.py config/mac_micro.py
     python train.py config/mac_micro.py --batch_size=4 --max_iters=200
+    torchrun --nproc_per_node=8 train.py config/8b_moe.py
 Every setting below can be changed by a config file or --key=value. The run checkpoints to out_dir and
 resumes from out_dir/latest by itself. SIGTERM / Ctrl-C: finish the step, save, exit 0.
 SIGUSR1: free cached memory now. A heartbeat file in out_dir tells safe_train.py how the run is doing.
@@ -42,7 +44,9 @@ top_k = 200
 # data
 batch_size = 8  # micro batch per device
 block_size = 256
-grad_accum_steps = 1  # micro steps per optimizer step
+grad_accum_steps = 1  # micro steps per optimizer step, over all ranks (as nanoGPT): each rank does grad_accum_steps / world_size
+activation_checkpointing = False  # recompute each block in the backward: ~1/3 more compute, activations of one block
+loss_chunk = 0  # tokens per piece of the loss, so [tokens, vocab] logits never exist whole (0 = all at once)
 # model (see model.GPTConfig)
 vocab_size = 201088
 n_layer = 4
@@ -101,6 +105,37 @@ def pick_dtype(want, dev_type):
     if dev_type == "mps":  # bf16 autocast works on MPS from macOS 14; before that only fp32 is reliable
         return "bfloat16" if torch.backends.mps.is_macos_or_newer(14, 0) else "float32"
     return "float32"  # CPU: bf16 pays only on CPUs with bf16 matmul units (bench.py tells)
+
+
+def setup_distributed(want_device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs and gloo on CPU, and return
+    (rank, world_size, device). One process: (0, 1, the device picked as usual)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(want_device)
+    dev = pick_device(want_device)
+    if dev.startswith("cuda"):
+        dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(dev)
+    elif dev == "mps":
+        dev = "cpu"  # one MPS device per machine: several processes would share it; use gloo on the CPU
+    torch.distributed.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    return torch.distributed.get_rank(), world, dev
+
+
+def shard_model(model, dev_type, dt):
+    """FSDP2: each block is its own unit (its parameters are gathered just before it runs and freed after),
+    then the root (embeddings, final norm, head). Experts are stacked 3-D parameters, sharded on their
+    first dimension like any other; nothing here assumes they are replicated, so expert parallelism can
+    replace this later. On CUDA the gathered weights are bf16 and gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    bf16 = dev_type == "cuda" and dt == "bfloat16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
 
 
 def get_lr(it):
@@ -166,17 +201,37 @@ def main():
 
     config = configure(globals())
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is intended
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.exit("train.py: multi-process (torchrun) training is not built yet; run one process")
     model_keys = [f.name for f in fields(GPTConfig) if f.name in config]
 
-    # ---- device, precision, seeds
-    dev = pick_device(device)
-    dev_type = "cuda" if dev.startswith("cuda") else dev
+    # ---- processes, device, precision, seeds
+    rank, world, dev = setup_distributed(device)
+    master = rank == 0  # logs, samples to the console, writes files other than checkpoint shards
+    dist = world > 1
+    if grad_accum_steps % world:
+        sys.exit(f"config error: grad_accum_steps {grad_accum_steps} is not a multiple of the {world} processes: "
+                 f"it counts micro steps over all ranks; use {max(world, grad_accum_steps // world * world)}")
+    accum = grad_accum_steps // world  # micro steps on this rank
+    dev_type = "cuda" if dev.startswith("cuda") else "mps" if dev == "mps" else "cpu"
     dt = pick_dtype(dtype, dev_type)
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dt)
     if ptdtype is None:
         sys.exit(f"config error: dtype {dt!r} is not one of float32, bfloat16, float16")
+    if dist and dt == "float16":
+        sys.exit("config error: dtype float16 needs a gradient scaler that FSDP does not share; use bfloat16 or float32")
+    if not master:
+        sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints; errors (stderr) still come from every rank
+
+    def barrier():
+        if dist:
+            torch.distributed.barrier()
+
+    def all_sum(t):
+        if dist:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def all_mean(t):
+        return all_sum(t) / world
     ctx = nullcontext() if dt == "float32" else torch.autocast(device_type=dev_type, dtype=ptdtype)
     use_compile = (dev_type == "cuda") if compile is None else compile
     torch.manual_seed(seed)
@@ -188,16 +243,22 @@ def main():
 
     # ---- data (checked before anything in out_dir is touched)
     try:
-        train_data = DataLoader(data_dir, "train", batch_size, block_size, vocab_size=vocab_size)
-        val_data = DataLoader(data_dir, "val", batch_size, block_size, vocab_size=vocab_size)
-        train_eval = DataLoader(data_dir, "train", batch_size, block_size, vocab_size=vocab_size)
+        train_data, val_data, train_eval = (DataLoader(data_dir, split, batch_size, block_size, rank, world, vocab_size)
+                                            for split in ("train", "val", "train"))
     except DataError as e:
         sys.exit(f"data error: {e}")
     meta = train_data.meta
 
     # ---- model and optimizer
     cfg = GPTConfig(**{k: config[k] for k in model_keys})
-    model = GPT(cfg).to(dev)
+    with torch.device("meta"):  # no memory until the weights are placed (and, under torchrun, sharded)
+        model = GPT(cfg)
+    if dist:
+        shard_model(model, dev_type, dt)
+    model.to_empty(device=dev)
+    torch.manual_seed(seed)
+    model.init_weights()  # the same values on any number of ranks
+    model.activation_checkpointing, model.loss_chunk = activation_checkpointing, loss_chunk
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and stacked experts; not norms, biases, sinks
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -233,26 +294,32 @@ def main():
         print(f"resumed from {ckpt} at iter {iter_num}")
 
     def save_checkpoint():
-        """out_dir/ckpt_<iter>/ as a DCP directory, written under a temporary name and renamed when
-        complete; then out_dir/latest is switched to it. A crash at any point leaves the old one intact."""
+        """out_dir/ckpt_<iter>/ as a DCP directory (one file per rank, any world size can load it), written
+        under a temporary name and renamed when complete; then out_dir/latest is switched to it. A crash at
+        any point leaves the old one intact."""
         name = f"ckpt_{iter_num}"
         final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         trainer = {"iter_num": iter_num, "best_val_loss": best_val_loss, "data": train_data.state_dict(),
                    "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                            "cuda": torch.cuda.get_rng_state() if dev_type == "cuda" else None}}
         dcp.save({"model": model_sd, "optim": optim_sd, "trainer": pickle.dumps(trainer)}, checkpoint_id=tmp)
-        write_json_atomic(os.path.join(tmp, "config.json"), {**config, "tokenizer": meta.get("tokenizer"), "eot": meta.get("eot")})
-        if os.path.exists(final):  # saving the same iteration again (after a resume): swap, never delete first
-            os.rename(final, final + ".old")
-        os.rename(tmp, final)
-        with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
-            f.write(name)
-        os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-        shutil.rmtree(final + ".old", ignore_errors=True)
-        for old in list_checkpoints(out_dir)[:-keep_last_n] if keep_last_n > 0 else []:
-            shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+        if master:
+            write_json_atomic(os.path.join(tmp, "config.json"), {**config, "tokenizer": meta.get("tokenizer"),
+                                                                 "eot": meta.get("eot"), "world_size": world})
+            if os.path.exists(final):  # saving the same iteration again (after a resume): swap, never delete first
+                os.rename(final, final + ".old")
+            os.rename(tmp, final)
+            with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+                f.write(name)
+            os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            for old in list_checkpoints(out_dir)[:-keep_last_n] if keep_last_n > 0 else []:
+                shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
+        barrier()
         print(f"saved {final}")
 
     raw_model = model
@@ -262,18 +329,20 @@ def main():
     @torch.no_grad()
     def estimate_loss():
         """Mean loss over the first eval_iters batches of each split: the same batches every time, so
-        evals are comparable and resuming does not change them."""
+        evals are comparable and resuming does not change them. Ranks split the batches (each reads its
+        slice of a global step), so with eval_iters a multiple of the world size the number is the same
+        on any number of processes."""
         model.eval()
         out = {}
         for split, loader in (("train", train_eval), ("val", val_data)):
             loader.reset()
-            losses = torch.zeros(eval_iters)
-            for i in range(eval_iters):
+            losses = torch.zeros(max(1, eval_iters // world), device=dev)
+            for i in range(len(losses)):
                 x, y = loader.next_batch()
                 with ctx:
-                    _, loss, _ = model(x.to(dev), y.to(dev))
-                losses[i] = loss.item()
-            out[split] = losses.mean().item()
+                    loss = model(x.to(dev), y.to(dev))[1]
+                losses[i] = loss
+            out[split] = all_mean(losses.mean()).item()
         model.train()
         return out
 
@@ -281,6 +350,8 @@ def main():
     sampling = sample_every > 0
 
     def sample_text():
+        """Under FSDP every rank must run the forward (each holds a shard of the weights), so all ranks
+        sample in lockstep with the same generator, and rank 0 prints."""
         nonlocal tokenizer
         if tokenizer is None:
             tokenizer = get_tokenizer(meta["tokenizer"])
@@ -311,7 +382,7 @@ def main():
     def heartbeat(phase, force=False):
         nonlocal last_beat
         now = time.time()
-        if force or now - last_beat >= 1.0:
+        if master and (force or now - last_beat >= 1.0):
             used, total = memory_gb(dev)
             write_json_atomic(heartbeat_path, {"time": now, "pid": os.getpid(), "iter": iter_num, "phase": phase,
                                                "device_mem_gb": used, "device_total_gb": total})
@@ -322,14 +393,14 @@ def main():
     tokens_per_iter = batch_size * block_size * grad_accum_steps
     flops_per_iter = flops_per_token(cfg, block_size) * tokens_per_iter
     peak = peak_flops(dev, dt)
-    print(f"device {dev} | dtype {dt} | compile {use_compile} | params {n['total'] / 1e6:.2f}M total, "
+    print(f"{f'{world} processes (FSDP) | ' if dist else ''}device {dev} | dtype {dt} | compile {use_compile} | params {n['total'] / 1e6:.2f}M total, "
           f"{n['active'] / 1e6:.2f}M active | {tokens_per_iter} tokens/iter")
-    log_path = os.path.join(out_dir, "log.jsonl")
-    log_file = open(log_path, "a")
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
 
     def log(record):
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+        if master:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
 
     heartbeat("start", force=True)
     t_last, tokens_since = time.time(), 0
@@ -341,21 +412,28 @@ def main():
         aux_sum = torch.zeros((), device=dev)
         z_sum = torch.zeros((), device=dev)
         load = torch.zeros(cfg.n_layer, cfg.n_expert, device=dev)
-        for _ in range(grad_accum_steps):
+        for micro in range(accum):
+            if dist:  # reduce-scatter the gradients only after the last micro step
+                raw_model.set_requires_gradient_sync(micro == accum - 1)
             x, y = train_data.next_batch()
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             with ctx:
-                _, loss, stats = model(x, y)
+                loss, stats = model(x, y)[1:]  # not `_, loss, stats`: that would keep the logits alive through backward
                 total = loss + router_aux_loss_coef * stats["aux"] + router_z_loss_coef * stats["z"]
-            scaler.scale(total / grad_accum_steps).backward()
+            scaler.scale(total / accum).backward()  # FSDP then averages over ranks: the mean over all micro batches
             loss_sum += loss.detach()
             aux_sum += stats["aux"].detach()
             z_sum += stats["z"].detach()
             load += stats["load"]
         scaler.unscale_(optimizer)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        # one host sync per step: a non-finite loss must stop the run before the optimizer touches weights
-        lossf, gnormf = (torch.stack([loss_sum / grad_accum_steps, gnorm.float()])).tolist()
+        if hasattr(gnorm, "full_tensor"):  # FSDP: the norm over all shards, the same on every rank
+            gnorm = gnorm.full_tensor()
+        # one host sync per step: a non-finite loss must stop the run before the optimizer touches weights,
+        # and every rank must agree on stopping (a signal may reach them at different steps)
+        step = all_sum(torch.stack([loss_sum / accum / world, torch.tensor(float(flags["stop"]), device=dev)]))
+        lossf, stop, gnormf = torch.cat([step, gnorm.float().reshape(1)]).tolist()
+        flags["stop"] = stop > 0
         if not math.isfinite(lossf) or (not math.isfinite(gnormf) and dt != "float16"):
             last = latest_checkpoint(out_dir)
             sys.exit(f"stopping: {'loss' if not math.isfinite(lossf) else 'gradient norm'} is not finite at iter "
@@ -372,9 +450,10 @@ def main():
             now = time.time()
             tok_s = tokens_since / max(now - t_last, 1e-9)
             t_last, tokens_since = now, 0
-            mfu = flops_per_iter / tokens_per_iter * tok_s / peak if peak else None
+            mfu = flops_per_iter / tokens_per_iter * tok_s / (peak * world) if peak else None
             used, total_mem = memory_gb(dev)
-            auxf, zf = aux_sum.item() / grad_accum_steps, z_sum.item() / grad_accum_steps
+            auxf, zf = (all_sum(torch.stack([aux_sum, z_sum])) / grad_accum_steps).tolist()
+            all_sum(load)
             print(f"iter {iter_num} | loss {lossf:.3f} | aux {auxf:.2f} | z {zf:.2f} | lr {cur_lr:.1e} | gnorm {gnormf:.2f} | "
                   f"{tok_s / 1e3:.1f}k tok/s | mfu {f'{mfu:.0%}' if mfu is not None else '-'} | mem {used:.1f}/{total_mem:.1f} GB",
                   flush=True)
@@ -415,7 +494,10 @@ def main():
             save_checkpoint()
 
     heartbeat("done", force=True)
-    log_file.close()
+    if master:
+        log_file.close()
+    if dist:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, MoE, attention, flops_per_token, param_counts, rope_tables, swiglu
+from model import (GPT, GPTConfig, MoE, activation_elements, attention, flops_per_token, param_counts, rope_tables,
+                   swiglu)
 
 
 def tiny(**kw):
@@ -189,7 +190,7 @@ def test_state_dict_names_map_onto_hf_gpt_oss():
     m = GPT(tiny())
     sd = m.state_dict()
     expected = {
-        "embed_tokens.weight": (97, 32), "norm.weight": (32,), "lm_head.weight": (97, 32),
+        "embed_tokens.weight": (97, 32), "norm.weight": (32,), "lm_head.weight": (97, 32),  # untied
         "layers.0.input_layernorm.weight": (32,), "layers.0.post_attention_layernorm.weight": (32,),
         "layers.0.self_attn.q_proj.weight": (32, 32), "layers.0.self_attn.q_proj.bias": (32,),
         "layers.0.self_attn.k_proj.weight": (16, 32), "layers.0.self_attn.v_proj.bias": (16,),
@@ -202,9 +203,16 @@ def test_state_dict_names_map_onto_hf_gpt_oss():
         assert tuple(sd[name].shape) == shape, name
 
 
-def test_tied_embeddings_share_one_tensor():
-    m = GPT(tiny(tie_embeddings=True))
-    assert m.lm_head.weight is m.embed_tokens.weight
+def test_tied_embeddings_are_one_parameter_even_after_to_empty():
+    with torch.device("meta"):  # train.py builds on meta, then to_empty(): that used to untie shared tensors
+        m = GPT(tiny(tie_embeddings=True))
+    m.to_empty(device="cpu")
+    m.init_weights()
+    assert len(list(m.parameters())) == len(list(GPT(tiny()).parameters())) - 1
+    assert "lm_head.weight" not in m.state_dict()
+    idx = torch.randint(0, 10, (2, 16))  # only tokens 0..9 are looked up ...
+    m(idx, idx)[1].backward()
+    assert m.embed_tokens.weight.grad[10:].abs().sum() > 0  # ... yet every row gets a gradient: it is the head too
 
 
 def test_forward_returns_loss_and_router_stats_and_generate_extends():
@@ -226,3 +234,48 @@ def test_flops_count_sliding_layers_with_their_window():
     n = param_counts(cfg)
     expect = 6 * (n["active"] - 97 * 32) + 12 * 4 * 8 * (128 + 1024)
     assert flops_per_token(cfg, 1024) == expect
+
+
+def test_activation_checkpointing_and_chunked_loss_change_memory_not_numbers():
+    torch.manual_seed(0)
+    m = GPT(tiny())
+    idx = torch.randint(0, 97, (2, 64))
+    grads = []
+    for ac, chunk in ((False, 0), (True, 0), (False, 37), (True, 50)):  # chunks that do not divide 128 tokens
+        m.activation_checkpointing, m.loss_chunk = ac, chunk
+        m.zero_grad()
+        logits, loss, stats = m(idx, idx)
+        (loss + 0.01 * stats["aux"]).backward()
+        assert (logits is None) == (chunk > 0)
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    for loss, g in grads[1:]:
+        torch.testing.assert_close(loss, grads[0][0], rtol=1e-6, atol=1e-6)
+        for n in g:
+            torch.testing.assert_close(g[n], grads[0][1][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def saved_bytes(cfg, tokens_shape):
+    """Bytes the autograd graph keeps for the backward, measured with saved-tensor hooks (weights excluded)."""
+    m = GPT(cfg)
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    idx = torch.randint(0, cfg.vocab_size, tokens_shape)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(idx, idx)
+    weights = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    return sum(v for k, v in seen.items() if k not in weights)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(sinks=False, head_dim=24, experts_per_token=1, n_head=8),
+                                dict(n_embd=192, intermediate_size=80, n_expert=6, experts_per_token=3, n_head=6)])
+def test_activation_count_matches_what_autograd_keeps(kw):
+    """memory_estimate's activations: the per-layer count equals what the backward really holds, within 3%
+    (it leaves out the attention's one extra query row and the shared mask, which matter only when tiny)."""
+    base = dict(n_embd=128, head_dim=32, intermediate_size=256, tie_embeddings=True)
+    one, three = tiny(n_layer=1, **{**base, **kw}), tiny(n_layer=3, **{**base, **kw})
+    per_layer = (saved_bytes(three, (4, 64)) - saved_bytes(one, (4, 64))) / 2
+    assert per_layer == pytest.approx(4 * activation_elements(one, 4 * 64), rel=0.03)
