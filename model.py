@@ -401,12 +401,17 @@ def activation_elements(cfg, tokens):
 
 
 def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_size=1, device="cpu",
-                    activation_checkpointing=False, loss_chunk=0):
+                    activation_checkpointing=False, loss_chunk=0, grad_accum_steps=1):
     """Peak training memory per device, in bytes, by part, from a config alone. AdamW with fp32 master
     weights, gradients and two moments, all sharded over world_size (FSDP); under FSDP one layer is
-    gathered at a time (plus the next, prefetched). Activations as activation_elements counts them;
-    bf16 autocast keeps about 0.78x the bytes of fp32 (measured 0.73-0.82x: it saves fp32 and bf16 copies).
+    gathered at a time (plus the next, prefetched). Activations as activation_elements counts them, times
+    1.3 for the gradients alive during the backward and allocator slack (fitted to peak RSS on CPU; the
+    README has the table); bf16 autocast keeps about 0.78x the bytes of fp32 (measured 0.73-0.82x).
     Logits: the float copy, log-softmax and its gradient, for the whole micro batch or one loss_chunk.
+    With gradient accumulation (grad_accum_steps per device > 1) later micro steps run their forward with
+    the gradients already allocated, and each backward adds its gradient next to the running sum: two more
+    gradient-sized buffers (measured: +0.43 GB for mac_micro's 0.23 GB of gradients). Under FSDP, skipping
+    the gradient sync costs whole (unsharded) gradients on every rank until the last micro step.
     'process' is what the runtime holds before any tensor: Python + torch on CPU, the CUDA context."""
     T = block_size or cfg.block_size
     tokens = batch_size * T
@@ -414,17 +419,23 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
     P, shard = n["total"], n["total"] / world_size
     act_bytes = 4.0 if dtype == "float32" else 3.1
     per_layer = activation_elements(cfg, tokens) * act_bytes
-    if activation_checkpointing:  # keep each block's input, recompute one block at a time
-        activations = cfg.n_layer * tokens * cfg.n_embd * 4 + per_layer
+    if activation_checkpointing:  # keep each block's input; the block being recomputed holds its tensors and their grads
+        saved = cfg.n_layer * tokens * cfg.n_embd * 4 + 2 * per_layer
     else:
-        activations = cfg.n_layer * per_layer
+        saved = cfg.n_layer * per_layer
+    activations = 1.3 * saved  # the backward's gradients and the allocator's slack on top (measured on CPU, bench_memory.py)
     chunk = min(loss_chunk or tokens, tokens)
     logits = chunk * cfg.vocab_size * (12 + (2 if dtype != "float32" else 0))
     layer_params = (P - n["embedding"]) / cfg.n_layer
     gathered = 0 if world_size == 1 else layer_params * (2 if device == "cuda" and dtype == "bfloat16" else 4) * 2 + layer_params * 4
-    parts = {"weights": 4 * shard, "grads": 4 * shard, "optimizer": 8 * shard, "gathered": gathered,
+    grads = 4 * shard
+    if grad_accum_steps > 1 and world_size > 1:  # FSDP skips the reduce-scatter until the last micro step, so
+        grads += P * (2 if device == "cuda" and dtype == "bfloat16" else 4)  # every rank holds whole gradients
+    elif grad_accum_steps > 1:
+        grads += 8 * shard
+    parts = {"weights": 4 * shard, "grads": grads, "optimizer": 8 * shard, "gathered": gathered,
              "activations": activations, "logits": logits,
-             "process": {"cpu": 0.35e9, "cuda": 0.5e9, "mps": 0.35e9}.get(device, 0.35e9)}
+             "process": {"cpu": 0.4e9, "cuda": 0.5e9, "mps": 0.4e9}.get(device, 0.4e9)}
     parts["total"] = sum(parts.values())
     return parts
 
@@ -449,6 +460,6 @@ if __name__ == "__main__":  # python model.py config/8b_moe.py: counts and memor
     for device, world in (("cpu", 1), ("cuda", 1), ("cuda", 8)):
         dt = "bfloat16" if device == "cuda" and dtype in ("auto", "bfloat16") else "float32" if dtype == "auto" else dtype
         m = memory_estimate(cfg, B, T, dt, world, device, settings.get("activation_checkpointing", False),
-                            settings.get("loss_chunk", 0))
+                            settings.get("loss_chunk", 0), max(1, settings.get("grad_accum_steps", 1) // world))
         print(f"memory per device, {device} x{world} {dt}, micro batch {B} x {T}: {m['total'] / 1e9:.1f} GB ("
               + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in m.items() if k != "total") + ")")

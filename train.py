@@ -159,6 +159,14 @@ def peak_flops(dev, dt):
     return None
 
 
+def peak_rss_gb():
+    """This process's peak resident memory so far (kernel-kept high-water mark: catches spikes between samples)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KB on Linux
+
+
 def memory_gb(dev):
     """(used, total) in GB for the log line and the heartbeat."""
     import psutil
@@ -333,6 +341,9 @@ def main():
         slice of a global step), so with eval_iters a multiple of the world size the number is the same
         on any number of processes."""
         model.eval()
+        # the loss a row at a time (or loss_chunk tokens): with no graph to keep, eval then needs less memory
+        # than a training step of the same micro batch, never more (an eval OOM hours into a run is the worst kind)
+        raw_model.loss_chunk = loss_chunk or block_size
         out = {}
         for split, loader in (("train", train_eval), ("val", val_data)):
             loader.reset()
@@ -343,6 +354,7 @@ def main():
                     loss = model(x.to(dev), y.to(dev))[1]
                 losses[i] = loss
             out[split] = all_mean(losses.mean()).item()
+        raw_model.loss_chunk = loss_chunk
         model.train()
         return out
 
@@ -385,7 +397,7 @@ def main():
         if master and (force or now - last_beat >= 1.0):
             used, total = memory_gb(dev)
             write_json_atomic(heartbeat_path, {"time": now, "pid": os.getpid(), "iter": iter_num, "phase": phase,
-                                               "device_mem_gb": used, "device_total_gb": total})
+                                               "device_mem_gb": used, "device_total_gb": total, "peak_rss_gb": peak_rss_gb()})
             last_beat = now
 
     # ---- the loop
@@ -458,7 +470,8 @@ def main():
                   f"{tok_s / 1e3:.1f}k tok/s | mfu {f'{mfu:.0%}' if mfu is not None else '-'} | mem {used:.1f}/{total_mem:.1f} GB",
                   flush=True)
             record = {"iter": iter_num, "loss": lossf, "aux": auxf, "z": zf, "lr": cur_lr, "gnorm": gnormf,
-                      "tok_per_s": tok_s, "mfu": mfu, "mem_gb": used, "time": now}
+                      "tok_per_s": tok_s, "mfu": mfu, "mem_gb": used, "time": now, "batch_size": batch_size,
+                      "grad_accum_steps": grad_accum_steps, "tokens_per_iter": tokens_per_iter}
             if log_router_stats:
                 share = load / load.sum(dim=1, keepdim=True)
                 record["load_min"] = share.min(dim=1).values.tolist()

@@ -29,7 +29,8 @@ router_aux_loss_coef = 0.005
 # nanoGPT), so 256 = 32 on each of 8 GPUs, and the same 4.2M tokens per step on any number of GPUs
 batch_size = 4
 grad_accum_steps = 256
-# without these a micro batch of 16k tokens needs ~160 GB of activations and ~46 GB of logits per GPU
+# without these a micro batch of 16k tokens needs over 200 GB of activations and 46 GB of logits per GPU;
+# with them, ~56 GB per GPU in all on 8 GPUs (python model.py config/8b_moe.py)
 activation_checkpointing = True
 loss_chunk = 1024  # 1024 x 201k logits: 2.9 GB with their float copy, log-softmax and gradient
 dtype = "bfloat16"

@@ -103,7 +103,7 @@ def test_checkpoint_from_two_processes_samples_in_one(runs):
 def test_accumulation_without_sync_gives_the_gradients_of_accumulation_with_sync(tmp_path):
     out = tmp_path / "grads.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "tests", "fsdp_accum_check.py"), str(out)]
+           os.path.join(ROOT, "tests", "helpers", "fsdp_accum_check.py"), str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.exists(), f"rc {r.returncode}:\n{r.stderr[-3000:]}"

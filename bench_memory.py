@@ -1,0 +1,71 @@
+"""
+model.memory_estimate against the real thing: each config trains for a few steps (an eval included) in a
+fresh train.py process, and its peak resident memory (the kernel's high-water mark, from wait4) is set beside
+the estimate. On CUDA, run with --device=cuda to compare with torch.cuda.max_memory_allocated instead
+(read from the heartbeat).
+    python prepare_fineweb.py --corpus=stdlib --encoding=o200k_base:32768 --out_dir=data/mac_micro --val_tokens=100000
+    python bench_memory.py                   # about 7 minutes on 2 CPU cores
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+data_dir = "data/mac_micro"
+device = "cpu"
+iters = 3
+
+MAC_MICRO = dict(n_layer=6, n_embd=384, n_head=6, n_kv_head=2, head_dim=64, n_expert=8, experts_per_token=2,
+                 intermediate_size=768, vocab_size=32832, tie_embeddings=True, block_size=512, batch_size=4,
+                 grad_accum_steps=8)
+CONFIGS = {
+    "mac_micro (batch 4 x 512, 8 accumulation steps)": MAC_MICRO,
+    "mac_micro, no accumulation": {**MAC_MICRO, "grad_accum_steps": 1},
+    "mac_micro, batch 8 x 4": {**MAC_MICRO, "batch_size": 8, "grad_accum_steps": 4},
+    "mac_micro, batch 2 x 1024": {**MAC_MICRO, "batch_size": 2, "block_size": 1024},
+    "mac_micro, checkpointing + loss chunks of 512, batch 8": {**MAC_MICRO, "batch_size": 8, "activation_checkpointing": True, "loss_chunk": 512},
+    "4 layers x 512, 4 experts of 1024, untied, batch 4 x 256": dict(n_layer=4, n_embd=512, n_head=8, n_kv_head=2, head_dim=64, n_expert=4,
+                                                                    experts_per_token=2, intermediate_size=1024, vocab_size=32832,
+                                                                    tie_embeddings=False, block_size=256, batch_size=4),
+    "8 layers x 256, 16 experts top-4, batch 8 x 256": dict(n_layer=8, n_embd=256, n_head=4, n_kv_head=1, head_dim=64, n_expert=16,
+                                                           experts_per_token=4, intermediate_size=256, vocab_size=32832,
+                                                           tie_embeddings=True, block_size=256, batch_size=8),
+}
+
+
+def measure(settings, out):
+    args = [f"--{k}={v}" for k, v in settings.items()]
+    cmd = [sys.executable, "train.py", *args, f"--data_dir={data_dir}", f"--out_dir={out}", f"--max_iters={iters}",
+           f"--eval_interval={iters}", "--eval_iters=2", "--sample_every=0", "--compile=False", f"--device={device}",
+           "--save_every=1000000", "--log_interval=1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(p.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"bench_memory.py: train.py failed: {p.stderr.read()[-2000:]}")
+    if device.startswith("cuda"):
+        with open(os.path.join(out, "heartbeat.json")) as f:
+            return json.load(f)["device_mem_gb"] * 1e9
+    return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def main():
+    from dataclasses import fields
+
+    from configurator import configure
+    from model import GPTConfig, memory_estimate
+
+    configure(globals())
+    dt = "bfloat16" if device.startswith("cuda") else "float32"
+    print(f"| config | estimate (GB) | measured peak (GB) | estimate / measured |\n| --- | --- | --- | --- |")
+    for name, s in CONFIGS.items():
+        cfg = GPTConfig(**{f.name: s[f.name] for f in fields(GPTConfig) if f.name in s})
+        est = memory_estimate(cfg, s["batch_size"], s["block_size"], dt, 1, device.split(":")[0],
+                              s.get("activation_checkpointing", False), s.get("loss_chunk", 0), s.get("grad_accum_steps", 1))["total"]
+        with tempfile.TemporaryDirectory() as out:
+            got = measure(s, out)
+        print(f"| {name} | {est / 1e9:.2f} | {got / 1e9:.2f} | {est / got:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

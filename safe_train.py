@@ -1,0 +1,393 @@
+"""
+train.py under a supervisor that keeps the machine alive and still finishes the run:
+    python safe_train.py config/mac_micro.py                      # same arguments as train.py
+    python safe_train.py config/mac_micro.py --budget_gb=10       # plus the supervisor's own settings below
+    python safe_train.py config/mac_micro.py --check-only         # preflight alone: exit 0 if the setup is good
+Preflight first: device, free RAM and swap, disk, data, one forward/backward at micro batch 1, and the
+memory estimate (model.memory_estimate) against the budget; a config that cannot fit is refused with the
+micro batch and accumulation that would. Then train.py runs as a child process and is sampled every
+`interval` seconds: the child tree's memory (PSS on Linux, phys_footprint on macOS), its peak and device
+memory from train.py's heartbeat, swap growth since the start, and the system's available memory.
+At warn_pct of the budget: a log line. At free_pct: SIGUSR1 (train.py frees its caches). At stop_pct, or
+when the growth rate says the next sample would be past it: SIGTERM, train.py finishes its step, saves and
+exits; SIGKILL after grace_s. The run then resumes from that checkpoint with half the micro batch and twice
+the accumulation (the same tokens per step), at most max_memory_restarts times. A crash is restarted
+max_crash_restarts times; a heartbeat older than hang_s is a hang. On macOS the run holds `caffeinate`
+and MPS gets a memory cap below the budget. Logs: out_dir/safe_training.log, out_dir/memory_monitoring.jsonl.
+The supervisor itself never imports torch (it would hold a few hundred MB for the whole run): preflight's
+torch work runs in a child process.
+"""
+import ast
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+budget_gb = 0.0  # memory this run may use; 0 = 90% of what is available at the start
+warn_pct = 75.0
+free_pct = 85.0
+stop_pct = 90.0
+min_available_pct = 5.0  # stop also when the whole system has less than this % of its RAM available
+interval = 1.0  # seconds between samples
+grace_s = 120.0  # after SIGTERM, how long train.py may take to save before SIGKILL
+max_memory_restarts = 3  # resumes with half the micro batch after a memory stop
+max_crash_restarts = 2  # resumes after train.py exits with an error
+hang_s = 600.0  # a heartbeat older than this (after the first one) is a hang
+max_hours = 0.0  # stop cleanly (save) after this long; 0 = no limit
+min_free_disk_gb = 1.0  # besides two checkpoints
+preflight = True
+preflight_fit = True  # refuse a config whose memory estimate is past the stop line (False: let the watch decide)
+train_script = "train.py"  # the child; tests put a helper here
+SETTINGS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+HERE = os.path.dirname(os.path.abspath(__file__))
+GB = 1e9
+
+
+class Refused(Exception):
+    """A setup that cannot run; the message is one line that names it and the fix."""
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def train_defaults(path):
+    """train.py's settings, read from its source (nothing imports train.py)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return out
+
+
+def split_args(argv):
+    """(the supervisor's --key=value settings, everything else for train.py, check_only)."""
+    mine, theirs, check_only, i = {}, [], False, 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if arg.startswith("--") and key == "check_only":
+            check_only = True
+        elif arg.startswith("--") and key in SETTINGS:
+            if not eq:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            mine[key] = value
+        else:
+            theirs.append(arg)
+        i += 1
+    return mine, theirs, check_only
+
+
+# ----------------------------------------------------------------------------- preflight (torch runs in a child)
+
+def probe(config):
+    """Run in a child process (`safe_train.py --probe JSON`): the checks that need torch. Prints a JSON report."""
+    import torch
+    from dataclasses import fields
+
+    from data_loader import DataError, DataLoader
+    from model import GPT, GPTConfig, memory_estimate, param_counts
+
+    report = {}
+    want = config["device"]
+    dev = want if want != "auto" else "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dev_type = dev.split(":")[0]
+    report["device"] = dev
+    dt = config["dtype"]
+    if dt == "auto":
+        dt = "bfloat16" if dev_type in ("cuda", "mps") else "float32"
+    report["dtype"] = dt
+    if dev_type == "mps":
+        report["mps_recommended"] = torch.mps.recommended_max_memory()
+    if dev_type == "cuda":
+        report["device_total"] = torch.cuda.get_device_properties(dev).total_memory
+    try:
+        for split in ("train", "val"):
+            DataLoader(config["data_dir"], split, config["batch_size"], config["block_size"], vocab_size=config["vocab_size"])
+    except DataError as e:
+        return {"error": f"data: {e}"}
+    cfg = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig) if f.name in config})
+    n = param_counts(cfg)
+    report["params"] = n["total"]
+
+    def estimate(b):
+        accum = config["batch_size"] * config["grad_accum_steps"] // b  # the same tokens per step at micro batch b
+        return memory_estimate(cfg, b, config["block_size"], dt, 1, dev_type, config.get("activation_checkpointing", False),
+                               config.get("loss_chunk", 0), accum)["total"]
+
+    report["estimate"] = {b: estimate(b) for b in sorted({config["batch_size"]} | {2 ** i for i in range(12)}) if b <= config["batch_size"]}
+    # one forward/backward at micro batch 1 on a short sequence: the model builds, the device runs it, the loss is sane
+    torch.manual_seed(0)
+    model = GPT(cfg).to(dev)
+    x = torch.randint(0, cfg.vocab_size, (1, min(64, cfg.block_size)), device=dev)
+    ctx = torch.autocast(dev_type, dtype=torch.bfloat16) if dt == "bfloat16" else torch.autocast(dev_type, enabled=False)
+    with ctx:
+        _, loss, stats = model(x, x)
+    (loss + stats["aux"]).backward()
+    report["probe_loss"] = loss.item()
+    report["probe_ok"] = bool(torch.isfinite(loss).item()) and all(p.grad is not None for p in model.parameters())
+    return report
+
+
+def run_preflight(config, budget, log):
+    """Everything checked before training starts; raises Refused with one line."""
+    out_dir = config["out_dir"]
+    vm, sw = psutil.virtual_memory(), psutil.swap_memory()
+    log(f"preflight: RAM {vm.total / GB:.1f} GB, available {vm.available / GB:.1f} GB, swap used {sw.used / GB:.1f} of "
+        f"{sw.total / GB:.1f} GB, budget {budget / GB:.1f} GB (stop at {stop_pct:.0f}%: {budget * stop_pct / 100 / GB:.1f} GB)")
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", json.dumps(config)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise Refused(f"the forward/backward probe failed: {last}")
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    if "error" in report:
+        raise Refused(report["error"])
+    if not report["probe_ok"]:
+        raise Refused(f"one forward/backward on {report['device']} gave loss {report['probe_loss']}: the setup is broken")
+    log(f"preflight: device {report['device']} ({report['dtype']}), {report['params'] / 1e6:.1f}M parameters, "
+        f"probe loss {report['probe_loss']:.2f}, data {config['data_dir']} ok")
+    # disk: two checkpoints (the new one is complete before the old one goes) plus a margin
+    ckpt = report["params"] * 12  # fp32 weights and two AdamW moments
+    probe_dir = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir)) or "."
+    while not os.path.isdir(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    free = shutil.disk_usage(probe_dir).free
+    need = 2 * ckpt + min_free_disk_gb * GB
+    if free < need:
+        raise Refused(f"disk: {free / GB:.1f} GB free in {probe_dir}, a run needs {need / GB:.1f} GB (two checkpoints of "
+                      f"{ckpt / GB:.2f} GB and {min_free_disk_gb} GB spare): free space or use another --out_dir")
+    est = {int(b): v for b, v in report["estimate"].items()}
+    B, A = config["batch_size"], config["grad_accum_steps"]
+    line = budget * stop_pct / 100
+    log(f"preflight: memory estimate at micro batch {B}: {est[B] / GB:.2f} GB of the {line / GB:.2f} GB stop line")
+    if preflight_fit and est[B] > line:
+        fits = [b for b in sorted(est, reverse=True) if est[b] <= line and B * A % b == 0]
+        if not fits:
+            raise Refused(f"memory: even micro batch 1 needs ~{est[1] / GB:.1f} GB by the estimate, over the stop line of "
+                          f"{line / GB:.1f} GB: use a smaller model or block_size, or a larger --budget_gb")
+        b = fits[0]
+        raise Refused(f"memory: micro batch {B} needs ~{est[B] / GB:.1f} GB by the estimate, over the stop line of "
+                      f"{line / GB:.1f} GB: use --batch_size={b} --grad_accum_steps={B * A // b} (the same tokens per step)")
+    return report
+
+
+# ----------------------------------------------------------------------------- watching
+
+def tree_footprint(proc):
+    """Bytes the process and its children hold: PSS on Linux (shared pages split between them),
+    phys_footprint on macOS where psutil reports it (it includes Metal buffers), else RSS."""
+    total = 0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return 0
+    for p in procs:
+        try:
+            info = p.memory_full_info()
+            total += getattr(info, "pss", 0) or getattr(info, "phys_footprint", 0) or info.rss
+        except psutil.AccessDenied:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        except psutil.Error:
+            pass
+    return total
+
+
+def read_heartbeat(out_dir):
+    try:
+        with open(os.path.join(out_dir, "heartbeat.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def caffeinate_cmd(pid):
+    """macOS: keep the machine awake (-i idle, -m disk, -s system on AC) for as long as pid lives (-w)."""
+    return ["caffeinate", "-i", "-m", "-s", "-w", str(pid)]
+
+
+def mps_env(budget, recommended):
+    """macOS: cap MPS below the budget. PyTorch's ratios are fractions of Metal's recommended working set;
+    its default hard cap (1.7x, about 18 GB on a 16 GB Mac) is above physical RAM, so the system swaps
+    before MPS raises. Capped at the stop line, MPS raises a clean out-of-memory error first."""
+    high = budget * stop_pct / 100 / recommended
+    return {"PYTORCH_MPS_HIGH_WATERMARK_RATIO": f"{high:.3f}",
+            "PYTORCH_MPS_LOW_WATERMARK_RATIO": f"{high * free_pct / stop_pct:.3f}"}
+
+
+def main(argv):
+    global budget_gb
+    from configurator import ConfigError, parse
+
+    mine, train_args, check_only = split_args(argv)
+    try:
+        for k, v in parse([f"--{k}={v}" for k, v in mine.items()], SETTINGS).items():
+            globals()[k] = v
+        defaults = train_defaults(os.path.join(HERE, train_script)) if train_script == "train.py" else {}
+        config = {**defaults, **parse(train_args, defaults)} if defaults else {"out_dir": "out"}
+    except ConfigError as e:
+        raise Refused(f"config error: {e}")
+    if train_script != "train.py":  # a test helper: it takes --out_dir only
+        config["out_dir"] = next((a.split("=", 1)[1] for a in train_args if a.startswith("--out_dir=")), "out")
+    out_dir = config["out_dir"]
+    os.makedirs(out_dir, exist_ok=True)
+    log_path, samples_path = os.path.join(out_dir, "safe_training.log"), os.path.join(out_dir, "memory_monitoring.jsonl")
+
+    def log(msg):
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        print(f"safe_train: {msg}", flush=True)
+        with open(log_path, "a") as f:
+            f.write(line + "\n")
+
+    budget = budget_gb * GB or 0.9 * psutil.virtual_memory().available
+    report = run_preflight(config, budget, log) if preflight else {"device": "cpu"}
+    expected = {int(b): v for b, v in report.get("estimate", {}).items()}
+    if check_only:
+        log("preflight passed (--check-only): not starting training")
+        return 0
+
+    shape = {"batch_size": config.get("batch_size"), "grad_accum_steps": config.get("grad_accum_steps")}
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if sys.platform == "darwin" and report["device"] == "mps":
+        env.update(mps_env(budget, report["mps_recommended"]))
+    counts = {"memory": 0, "crash": 0}
+    peak, start, swap0 = 0, time.time(), psutil.swap_memory().used
+    user_stop = {"sig": None}
+
+    def on_signal(signum, frame):
+        user_stop["sig"] = signum
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    lines = {"warn": budget * warn_pct / 100, "free": budget * free_pct / 100, "stop": budget * stop_pct / 100}
+    outcome = None
+    while outcome is None:
+        extra = [f"--{k}={v}" for k, v in shape.items() if v is not None and v != config.get(k)]
+        cmd = [sys.executable, os.path.join(HERE, train_script), *train_args, *extra]
+        log(f"starting {' '.join(os.path.basename(c) if i < 2 else c for i, c in enumerate(cmd))}")
+        child = subprocess.Popen(cmd, env=env, start_new_session=True)  # own session: a Ctrl-C reaches us, we decide
+        proc = psutil.Process(child.pid)
+        caffeinate = subprocess.Popen(caffeinate_cmd(child.pid)) if sys.platform == "darwin" else None
+        reason, sent_term, sent_free, warned, prev = None, None, False, False, None
+        while child.poll() is None:
+            time.sleep(interval)
+            now = time.time()
+            vm = psutil.virtual_memory()
+            beat = read_heartbeat(out_dir)
+            beat = beat if beat and beat.get("pid") == child.pid else None
+            tree = tree_footprint(proc)
+            used = max(tree, (beat or {}).get("peak_rss_gb", 0) * GB,
+                       (beat or {}).get("device_mem_gb", 0) * GB if report["device"] == "mps" else 0)
+            used += max(0, psutil.swap_memory().used - swap0)
+            rate = max(0.0, (used - prev[1]) / (now - prev[0])) if prev else 0.0
+            prev = (now, used)
+            # where memory will be by the time a stop could take effect. Every training step climbs to its
+            # peak and falls back, so for train.py the climb is expected to level off at the estimate for
+            # this shape (within its 15%): there only crossing the line counts. Past that, or for a child
+            # with no estimate, growth is a leak or a runaway and is extrapolated.
+            ahead = used + rate * 2 * interval  # to the next sample, and as long again for the child to react
+            plateau = expected.get(shape["batch_size"]) if expected else None
+            if plateau and used < 1.15 * plateau:
+                ahead = min(ahead, max(used, plateau))
+            peak = max(peak, used)
+            with open(samples_path, "a") as f:
+                f.write(json.dumps({"time": now, "pid": child.pid, "used_gb": used / GB, "tree_gb": tree / GB,
+                                    "rate_gb_s": rate / GB, "available_gb": vm.available / GB, "budget_gb": budget / GB,
+                                    "iter": (beat or {}).get("iter"), "phase": (beat or {}).get("phase"),
+                                    "device_mem_gb": (beat or {}).get("device_mem_gb")}) + "\n")
+            if sent_term:
+                if now - sent_term > grace_s:
+                    log(f"no exit {grace_s:.0f} s after SIGTERM: SIGKILL")
+                    os.killpg(child.pid, signal.SIGKILL)
+                continue
+            if user_stop["sig"]:
+                reason = "user"
+            elif ahead >= lines["stop"]:
+                reason = "memory"
+                log(f"stop: {used / GB:.2f} GB used, rising {rate / GB:.2f} GB/s, stop line {lines['stop'] / GB:.2f} GB "
+                    f"({stop_pct:.0f}% of {budget / GB:.1f} GB): SIGTERM, train.py saves and exits")
+            elif vm.available < vm.total * min_available_pct / 100:
+                reason = "memory"
+                log(f"stop: the system has {vm.available / GB:.2f} GB available, under {min_available_pct:.0f}%: SIGTERM")
+            elif (beat and beat.get("device_total_gb") and report["device"].startswith("cuda")
+                  and beat["device_mem_gb"] >= beat["device_total_gb"] * stop_pct / 100):
+                reason = "memory"
+                log(f"stop: GPU memory {beat['device_mem_gb']:.1f} of {beat['device_total_gb']:.1f} GB: SIGTERM")
+            elif max_hours and now - start > max_hours * 3600:
+                reason = "time"
+                log(f"time limit of {max_hours} h reached: SIGTERM, train.py saves and exits")
+            elif beat and beat.get("phase") != "done" and now - beat["time"] > hang_s:
+                reason = "hang"
+                log(f"hang: no heartbeat for {now - beat['time']:.0f} s (hang_s {hang_s:.0f}): SIGTERM")
+            if reason:
+                sent_term = now
+                child.send_signal(signal.SIGTERM)
+                continue
+            if used >= lines["free"] and not sent_free:
+                log(f"free: {used / GB:.2f} GB used, over {free_pct:.0f}% of the budget: SIGUSR1, train.py frees its caches")
+                child.send_signal(signal.SIGUSR1)
+                sent_free = True
+            elif used >= lines["warn"] and not warned:
+                log(f"warn: {used / GB:.2f} GB used, over {warn_pct:.0f}% of the budget ({budget / GB:.1f} GB)")
+                warned = True
+        if caffeinate:
+            caffeinate.terminate()
+        rc = child.returncode
+        beat = read_heartbeat(out_dir) or {}
+        if reason is None and rc == -signal.SIGKILL:
+            reason = "memory"  # killed from outside: on Linux, the kernel's out-of-memory killer
+            log("train.py was killed (SIGKILL) by something else, most likely the system's out-of-memory killer")
+        at = f" at iter {beat['iter']}" if beat.get("pid") == child.pid else ""
+        log(f"{os.path.basename(train_script)} exited with code {rc}{at}" + (f" ({reason} stop)" if reason else ""))
+        if reason == "memory":
+            counts["memory"] += 1
+            if counts["memory"] > max_memory_restarts:
+                outcome = ("gave up", f"{max_memory_restarts} memory restarts used up")
+            elif not shape["batch_size"] or shape["batch_size"] < 2:
+                outcome = ("gave up", "out of memory at micro batch 1: use a smaller model or a larger budget")
+            else:
+                shape = {"batch_size": shape["batch_size"] // 2, "grad_accum_steps": shape["grad_accum_steps"] * 2}
+                log(f"resuming with micro batch {shape['batch_size']} x {shape['grad_accum_steps']} accumulation steps "
+                    f"(the same tokens per step)")
+        elif reason in ("user", "time"):
+            outcome = ("stopped", "by a signal" if reason == "user" else f"time limit of {max_hours} h")
+        elif rc == 0 and reason is None:
+            outcome = ("finished", "train.py completed")
+        else:
+            counts["crash"] += 1
+            what = "hang" if reason == "hang" else f"exit code {rc}"
+            if counts["crash"] > max_crash_restarts:
+                outcome = ("gave up", f"{what}, and {max_crash_restarts} crash restarts used up")
+            else:
+                log(f"restarting after {what} ({counts['crash']} of {max_crash_restarts})")
+    state, why = outcome
+    beat = read_heartbeat(out_dir) or {}
+    restarts = {k: min(counts[k], limit) for k, limit in (("memory", max_memory_restarts), ("crash", max_crash_restarts))}
+    log(f"summary: {state} ({why}) | restarts: {restarts['memory']} after {counts['memory']} memory stops, "
+        f"{restarts['crash']} after {counts['crash']} crashes | peak "
+        f"{peak / GB:.2f} GB of a {budget / GB:.1f} GB budget | iterations done: {beat.get('iter')} | "
+        f"micro batch {shape['batch_size']} x {shape['grad_accum_steps']} | {(time.time() - start) / 60:.1f} min")
+    return 0 if state in ("finished", "stopped") else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--probe":
+        print(json.dumps(probe(json.loads(sys.argv[2]))))
+        sys.exit(0)
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except Refused as e:
+        sys.exit(f"safe_train.py: {e}")
