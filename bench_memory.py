@@ -24,7 +24,8 @@ CONFIGS = {
     "mac_micro, no accumulation": {**MAC_MICRO, "grad_accum_steps": 1},
     "mac_micro, batch 8 x 4": {**MAC_MICRO, "batch_size": 8, "grad_accum_steps": 4},
     "mac_micro, batch 2 x 1024": {**MAC_MICRO, "batch_size": 2, "block_size": 1024},
-    "mac_micro, checkpointing + loss chunks of 512, batch 8": {**MAC_MICRO, "batch_size": 8, "activation_checkpointing": True, "loss_chunk": 512},
+    "mac_micro, whole logits (loss_chunk=0)": {**MAC_MICRO, "loss_chunk": 0},
+    "mac_micro, activation checkpointing, batch 8": {**MAC_MICRO, "batch_size": 8, "activation_checkpointing": True},
     "4 layers x 512, 4 experts of 1024, untied, batch 4 x 256": dict(n_layer=4, n_embd=512, n_head=8, n_kv_head=2, head_dim=64, n_expert=4,
                                                                     experts_per_token=2, intermediate_size=1024, vocab_size=32832,
                                                                     tie_embeddings=False, block_size=256, batch_size=4),
@@ -61,7 +62,7 @@ def main():
     for name, s in CONFIGS.items():
         cfg = GPTConfig(**{f.name: s[f.name] for f in fields(GPTConfig) if f.name in s})
         est = memory_estimate(cfg, s["batch_size"], s["block_size"], dt, 1, device.split(":")[0],
-                              s.get("activation_checkpointing", False), s.get("loss_chunk", 0), s.get("grad_accum_steps", 1))["total"]
+                              s.get("activation_checkpointing", False), s.get("loss_chunk", 512), s.get("grad_accum_steps", 1))["total"]
         with tempfile.TemporaryDirectory() as out:
             got = measure(s, out)
         print(f"| {name} | {est / 1e9:.2f} | {got / 1e9:.2f} | {est / got:.2f} |", flush=True)

@@ -342,19 +342,51 @@ class GPT(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Sizes and costs from a config alone (no weights built), for logs, MFU, the README and the supervisor.
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of x @ head.T against targets, `chunk` rows at a time, with its gradients computed
+    in the forward (softmax minus one-hot is the gradient of the logits): the [tokens, vocab] logits never
+    exist whole and nothing is recomputed. On CPU this is also faster: small chunks reuse the same memory,
+    where whole logits are fresh pages every step (measured: the log-softmax and its backward were 17% of
+    a mac_micro step, most of it page faults)."""
+
+    @staticmethod
+    def forward(ctx, x, head, targets, chunk):
+        n = (targets != -1).sum().clamp(min=1)
+        loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        grad_x = torch.empty_like(x)
+        grad_head = torch.zeros(head.shape, device=head.device, dtype=torch.float32)
+        for i in range(0, len(x), chunk):
+            xs, ts = x[i:i + chunk], targets[i:i + chunk]
+            logits = F.linear(xs, head).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = ts != -1
+            picked = logits.gather(1, ts.clamp(min=0)[:, None]).squeeze(1)
+            loss += ((lse - picked) * valid).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # in place: the logits are not needed again
+            probs[torch.arange(len(ts), device=ts.device), ts.clamp(min=0)] -= 1.0
+            probs *= valid[:, None]
+            g = probs.to(xs.dtype)
+            grad_x[i:i + chunk] = g @ head.to(g.dtype)
+            grad_head += (g.t() @ xs).float()
+        ctx.save_for_backward(grad_x, grad_head, n)
+        ctx.head_dtype = head.dtype
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_head, n = ctx.saved_tensors
+        scale = grad_loss / n
+        return grad_x * scale.to(grad_x.dtype), (grad_head * scale).to(ctx.head_dtype), None, None
+
+
 def chunked_cross_entropy(x, head, targets, chunk):
-    """Mean next-token loss, `chunk` tokens at a time. With gradients on, each chunk's logits are
-    recomputed in the backward (checkpoint), so at most one chunk of [tokens, vocab] logits is alive:
-    with a 201k vocabulary that is the difference between 13 GB and 0.8 GB for 16k tokens."""
+    """Mean next-token loss `chunk` rows at a time: fused with its gradient when training, plain without."""
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-
-    def piece(xs, ts):
-        return F.cross_entropy(F.linear(xs, head).float(), ts, ignore_index=-1, reduction="sum")
-
+    if torch.is_grad_enabled():
+        return LinearCrossEntropy.apply(x, head, targets, chunk)
     total = 0.0
     for i in range(0, len(targets), chunk):
-        xs, ts = x[i:i + chunk], targets[i:i + chunk]
-        total = total + (checkpoint(piece, xs, ts, use_reentrant=False) if torch.is_grad_enabled() else piece(xs, ts))
+        total = total + F.cross_entropy(F.linear(x[i:i + chunk], head).float(), targets[i:i + chunk], ignore_index=-1, reduction="sum")
     return total / (targets != -1).sum().clamp(min=1)
 
 
@@ -407,7 +439,8 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
     gathered at a time (plus the next, prefetched). Activations as activation_elements counts them, times
     1.3 for the gradients alive during the backward and allocator slack (fitted to peak RSS on CPU; the
     README has the table); bf16 autocast keeps about 0.78x the bytes of fp32 (measured 0.73-0.82x).
-    Logits: the float copy, log-softmax and its gradient, for the whole micro batch or one loss_chunk.
+    Logits: the float copy, log-softmax and its gradient for the whole micro batch, or with loss_chunk one
+    chunk of them plus the gradients LinearCrossEntropy keeps.
     With gradient accumulation (grad_accum_steps per device > 1) later micro steps run their forward with
     the gradients already allocated, and each backward adds its gradient next to the running sum: two more
     gradient-sized buffers (measured: +0.43 GB for mac_micro's 0.23 GB of gradients). Under FSDP, skipping
@@ -424,8 +457,10 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
     else:
         saved = cfg.n_layer * per_layer
     activations = 1.3 * saved  # the backward's gradients and the allocator's slack on top (measured on CPU, bench_memory.py)
-    chunk = min(loss_chunk or tokens, tokens)
-    logits = chunk * cfg.vocab_size * (12 + (2 if dtype != "float32" else 0))
+    if loss_chunk:  # fused: one chunk of float logits (turned into probabilities in place), the head's gradient, x's
+        logits = min(loss_chunk, tokens) * cfg.vocab_size * (4 + (2 if dtype != "float32" else 0)) + 4 * cfg.vocab_size * cfg.n_embd + 4 * tokens * cfg.n_embd
+    else:  # whole: the float logits, the log-softmax kept for the backward, and its gradient
+        logits = tokens * cfg.vocab_size * (12 + (2 if dtype != "float32" else 0))
     layer_params = (P - n["embedding"]) / cfg.n_layer
     gathered = 0 if world_size == 1 else layer_params * (2 if device == "cuda" and dtype == "bfloat16" else 4) * 2 + layer_params * 4
     grads = 4 * shard
@@ -460,6 +495,6 @@ if __name__ == "__main__":  # python model.py config/8b_moe.py: counts and memor
     for device, world in (("cpu", 1), ("cuda", 1), ("cuda", 8)):
         dt = "bfloat16" if device == "cuda" and dtype in ("auto", "bfloat16") else "float32" if dtype == "auto" else dtype
         m = memory_estimate(cfg, B, T, dt, world, device, settings.get("activation_checkpointing", False),
-                            settings.get("loss_chunk", 0), max(1, settings.get("grad_accum_steps", 1) // world))
+                            settings.get("loss_chunk", 512), max(1, settings.get("grad_accum_steps", 1) // world))
         print(f"memory per device, {device} x{world} {dt}, micro batch {B} x {T}: {m['total'] / 1e9:.1f} GB ("
               + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in m.items() if k != "total") + ")")

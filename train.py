@@ -46,7 +46,7 @@ batch_size = 8  # micro batch per device
 block_size = 256
 grad_accum_steps = 1  # micro steps per optimizer step, over all ranks (as nanoGPT): each rank does grad_accum_steps / world_size
 activation_checkpointing = False  # recompute each block in the backward: ~1/3 more compute, activations of one block
-loss_chunk = 0  # tokens per piece of the loss, so [tokens, vocab] logits never exist whole (0 = all at once)
+loss_chunk = 512  # tokens per piece of the loss, fused with its gradient: [tokens, vocab] logits never exist whole (0 = all at once)
 # model (see model.GPTConfig)
 vocab_size = 201088
 n_layer = 4
@@ -341,7 +341,7 @@ def main():
         slice of a global step), so with eval_iters a multiple of the world size the number is the same
         on any number of processes."""
         model.eval()
-        # the loss a row at a time (or loss_chunk tokens): with no graph to keep, eval then needs less memory
+        # the loss loss_chunk tokens at a time (a row if 0): with no graph to keep, eval then needs less memory
         # than a training step of the same micro batch, never more (an eval OOM hours into a run is the worst kind)
         raw_model.loss_chunk = loss_chunk or block_size
         out = {}

@@ -36,7 +36,7 @@ def test_run_over_budget_is_stopped_and_finishes_with_half_the_micro_batch(tmp_p
     from model import GPTConfig, memory_estimate
 
     cfg = GPTConfig(**{f.name: SHAPE[f.name] for f in fields(GPTConfig) if f.name in SHAPE})
-    big, small = (memory_estimate(cfg, b, 256)["total"] for b in (64, 32))  # ~2.8 and ~1.6 GB
+    big, small = (memory_estimate(cfg, b, 256, loss_chunk=512)["total"] for b in (64, 32))  # ~2.8 and ~1.6 GB
     line = (big * small) ** 0.5  # the stop line between the two: ~30% from each (a run's peak creeps up ~15%)
     budget = line / 0.9
     out = tmp_path / "run"
@@ -88,7 +88,7 @@ def test_preflight_refuses_a_config_that_cannot_fit_and_names_one_that_does(tmp_
     from model import GPTConfig, memory_estimate
 
     cfg = GPTConfig(**{f.name: SHAPE[f.name] for f in fields(GPTConfig) if f.name in SHAPE})
-    budget = memory_estimate(cfg, 8, 256)["total"] / 0.9 * 1.05  # micro batch 8 fits with 5% to spare; 32 does not
+    budget = memory_estimate(cfg, 8, 256, loss_chunk=512, grad_accum_steps=8)["total"] / 0.9 * 1.05  # micro batch 8 fits with 5% to spare; 32 does not
     r = supervise(*[f"--{k}={v}" for k, v in SHAPE.items()], f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}",
                   "--batch_size=32", "--grad_accum_steps=2", f"--budget_gb={budget / 1e9:.3f}", "--check-only")
     assert r.returncode != 0

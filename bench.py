@@ -1,0 +1,219 @@
+"""
+Training speed, measured: tokens/s, MFU, the MoE's overhead over an equal-FLOP dense model, peak memory, and
+the same model in Hugging Face transformers (GptOssForCausalLM) side by side.
+    python bench.py                          # config/mac_micro.py's shape, on whatever device train.py would pick
+    python bench.py config/8b_moe.py --n_layer=2 --batch_size=1 --device=cuda
+A step is what train.py does: forward, loss + router losses, backward, gradient clipping, AdamW. Runs
+alternate (ours, HF, ours, HF, ...) and medians are reported, since shared machines are noisy.
+MFU: model FLOPs (model.flops_per_token) per second over the device's peak: on CUDA the GPU's dense bf16
+(or fp32) peak; on CPU the best of a square-matmul probe at the run's dtype, measured here.
+transformers is optional (pip install transformers): without it the HF column says so.
+"""
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import fields
+
+import torch
+
+# the shape: config/mac_micro.py's by default (any train.py config file or --key=value changes it)
+vocab_size = 32832
+tie_embeddings = True
+n_layer = 6
+n_embd = 384
+n_head = 6
+n_kv_head = 2
+head_dim = 64
+n_expert = 8
+experts_per_token = 2
+intermediate_size = 768
+sliding_window = 128
+attn_pattern = "SF"
+rope_theta = 150000.0
+block_size = 512
+batch_size = 4
+# the bench
+device = "auto"
+dtype = "auto"  # auto: what train.py picks (bf16 on CUDA, fp32 on CPU); on CPU bf16 autocast is timed too
+compile = None  # None: on for CUDA
+steps = 1  # timed steps per round
+rounds = 5
+hf = True  # also time transformers' GptOssForCausalLM on the identical model
+dense = True  # also time the equal-FLOP dense model for the MoE overhead
+# train.py settings that config files may set; accepted and ignored here
+out_dir = data_dir = ""
+grad_accum_steps = lr = min_lr = warmup_iters = lr_decay_iters = max_iters = eval_interval = eval_iters = 0
+save_every = sample_every = log_interval = 0
+rope_scaling_factor = 1.0
+initial_context_length = 4096
+router_aux_loss_coef = 0.01
+activation_checkpointing = False
+loss_chunk = 512  # as train.py: the loss fused with its gradient, 512 tokens at a time
+weight_decay = grad_clip = 0.0
+keep_last_n = 0
+
+
+def sync(dev):
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dev, dt, n=2048, reps=5):
+    """FLOP/s of the best of a few n x n matmuls: what this device can do at this dtype, for CPU MFU."""
+    a, b = torch.randn(n, n, device=dev, dtype=dt), torch.randn(n, n, device=dev, dtype=dt)
+    best = float("inf")
+    for _ in range(reps + 1):
+        sync(dev)
+        t = time.perf_counter()
+        a @ b
+        sync(dev)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def gpu_peak(dev, dt):
+    name = torch.cuda.get_device_name(dev)
+    table = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12)}  # dense bf16, fp32
+    for key, (bf16, fp32) in table.items():
+        if key in name:
+            return (bf16 if dt != torch.float32 else fp32), name
+    return None, name
+
+
+def our_step_fn(cfg, dev, ctx, use_compile):
+    from model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(cfg).to(dev)
+    model.loss_chunk = loss_chunk
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.startswith("cuda"))
+    fwd = torch.compile(model) if use_compile else model
+
+    def step(x):
+        with ctx:
+            loss, stats = fwd(x, x)[1:]
+            total = loss + 0.01 * stats["aux"] + 0.001 * stats["z"]
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def hf_step_fn(cfg, dev, ctx, dt):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    hc = GptOssConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
+                      num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+                      num_local_experts=cfg.n_expert, num_experts_per_tok=cfg.experts_per_token,
+                      intermediate_size=cfg.intermediate_size, sliding_window=cfg.sliding_window,
+                      layer_types=["sliding_attention" if cfg.layer_is_sliding(i) else "full_attention" for i in range(cfg.n_layer)],
+                      max_position_embeddings=cfg.block_size, tie_word_embeddings=cfg.tie_embeddings,
+                      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                      output_router_logits=True, router_aux_loss_coef=0.01)
+    hc._attn_implementation = "eager"  # the sinks need eager (or kernels that are not on CPU)
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(hc).to(dev)
+    ours = sum(p.numel() for p in __import__("model").GPT(cfg).parameters())
+    assert sum(p.numel() for p in model.parameters()) == ours, "HF model differs in size from ours"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.startswith("cuda"))
+
+    def step(x):
+        with ctx:
+            out = model(input_ids=x, labels=x)  # its loss includes router_aux_loss_coef * aux
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def timed(step, x, dev, n):
+    sync(dev)
+    t = time.perf_counter()
+    for _ in range(n):
+        step(x)
+    sync(dev)
+    return (time.perf_counter() - t) / n
+
+
+def peak_memory_gb(dev):
+    if dev.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(dev) / 1e9
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+
+
+def main():
+    from configurator import configure
+    from model import GPTConfig, flops_per_token, param_counts
+
+    config = configure(globals())
+    dev = device if device != "auto" else "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dev_type = dev.split(":")[0]
+    if dev_type == "cpu":
+        torch.manual_seed(0)
+        fp32_peak, bf16_peak = matmul_peak(dev, torch.float32), matmul_peak(dev, torch.bfloat16)
+    dt_name = dtype if dtype != "auto" else "float32" if dev_type == "cpu" else "bfloat16"
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dt_name]
+    ctx = nullcontext() if dt == torch.float32 else torch.autocast(dev_type, dtype=dt)
+    use_compile = dev_type == "cuda" if compile is None else compile
+    cfg = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig) if f.name in config})
+    if dev_type == "cpu":
+        peak, where = (bf16_peak if dt == torch.bfloat16 else fp32_peak), f"CPU, {torch.get_num_threads()} threads, matmul probe"
+        print(f"matmul probe ({torch.get_num_threads()} threads): fp32 {fp32_peak / 1e9:.0f} GFLOP/s, bf16 {bf16_peak / 1e9:.0f} GFLOP/s"
+              f" -> dtype {dt_name}")
+    elif dev_type == "cuda":
+        peak, where = gpu_peak(dev, dt)
+        where = f"{where}, dense {dt_name} peak"
+    else:
+        peak, where = None, "MPS (no peak known)"
+    tokens = batch_size * block_size
+    n = param_counts(cfg)
+    fpt = flops_per_token(cfg, block_size)
+    print(f"model: {n['total'] / 1e6:.1f}M parameters, {n['active'] / 1e6:.1f}M active | batch {batch_size} x {block_size} | "
+          f"{fpt / 1e6:.0f} MFLOP per token | device {dev} | dtype {dt_name} | compile {use_compile}", flush=True)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, block_size), device=dev)
+
+    runners = {"nanoOSS": our_step_fn(cfg, dev, ctx, use_compile)}
+    row_peak = {"nanoOSS": peak}
+    if dev_type == "cpu" and dt == torch.float32:  # does bf16 autocast pay on this CPU? (train.py stays fp32 unless it does)
+        runners["nanoOSS, bf16 autocast"] = our_step_fn(cfg, dev, torch.autocast("cpu", dtype=torch.bfloat16), use_compile)
+        row_peak["nanoOSS, bf16 autocast"] = bf16_peak
+    if hf:
+        try:
+            runners["HF GptOssForCausalLM"] = hf_step_fn(cfg, dev, ctx, dt)
+            row_peak["HF GptOssForCausalLM"] = peak
+        except ImportError:
+            print("HF: transformers is not installed (pip install transformers): no side-by-side", flush=True)
+    if dense:  # one expert, k x I wide, always chosen: the same active FLOPs with no routing
+        dense_cfg = GPTConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(GPTConfig)}, "n_expert": 1,
+                                 "experts_per_token": 1, "intermediate_size": cfg.experts_per_token * cfg.intermediate_size})
+        runners["nanoOSS dense, equal FLOPs"] = our_step_fn(dense_cfg, dev, ctx, use_compile)
+        row_peak["nanoOSS dense, equal FLOPs"] = peak
+    for step in runners.values():  # warm-up: allocations, compile
+        step(x)
+    times = {k: [] for k in runners}
+    for r in range(rounds):
+        for name, step in runners.items():
+            times[name].append(timed(step, x, dev, steps))
+            print(f"round {r + 1} {name:28s} {times[name][-1]:7.3f} s/step  {tokens / times[name][-1]:8.0f} tok/s", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n| | s/step | tokens/s | MFU ({where}; bf16 rows against the bf16 probe) |\n| --- | --- | --- | --- |")
+    for name, t in med.items():
+        mfu = f"{fpt * tokens / t / row_peak[name]:.0%}" if row_peak[name] else "-"
+        print(f"| {name} | {t:.3f} | {tokens / t:,.0f} | {mfu} |")
+    ours = med["nanoOSS"]
+    if "HF GptOssForCausalLM" in med:
+        print(f"nanoOSS vs HF: {med['HF GptOssForCausalLM'] / ours:.2f}x the tokens/s")
+    if dense:
+        print(f"MoE overhead: {ours / med['nanoOSS dense, equal FLOPs']:.2f} (MoE step time / dense step time)")
+    print(f"peak memory of this process (all models): {peak_memory_gb(dev):.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""bench.py runs and reports (how fast is BENCH.md's business, not a test's)."""
+import subprocess
+import sys
+
+from conftest import ROOT
+
+SMALL = ["--n_layer=1", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--head_dim=32", "--n_expert=4",
+         "--intermediate_size=64", "--vocab_size=1000", "--block_size=64", "--batch_size=2", "--rounds=1"]
+
+
+def test_bench_runs_and_prints_the_side_by_side_table():
+    r = subprocess.run([sys.executable, "bench.py", *SMALL], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "| nanoOSS |" in out and "| nanoOSS dense, equal FLOPs |" in out and "MoE overhead: " in out
+    # transformers is optional: either the HF row is there or one line says why not
+    assert "| HF GptOssForCausalLM |" in out or "transformers is not installed" in out
+    assert "matmul probe" in out and "peak memory of this process" in out
+    tok_s = float(out.split("| nanoOSS |")[1].split("|")[1].replace(",", ""))
+    assert tok_s > 0
