@@ -168,6 +168,8 @@ def install_tokenizer_file(path, name):
     if base not in BPE_FILE:
         raise DataError(f"--tokenizer_file works for {', '.join(BPE_FILE)}; for {base!r} put its files in $TIKTOKEN_CACHE_DIR")
     want = BPE_FILE[base] + ".tiktoken"
+    if not os.path.exists(path) and glob.glob(path):  # a pattern, as in the README: --tokenizer_file=.cache/bpe_openai-*.whl
+        path = sorted(glob.glob(path))[-1]  # (the shell leaves it alone: the whole word, --tokenizer_file=..., matches no file)
     try:
         if zipfile.is_zipfile(path):  # a wheel such as bpe-openai's: find the file inside
             with zipfile.ZipFile(path) as z:
