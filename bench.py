@@ -18,20 +18,10 @@ from dataclasses import fields
 
 import torch
 
-# the shape: config/mac_micro.py's by default (any train.py config file or --key=value changes it)
-vocab_size = 32832
-tie_embeddings = True
-n_layer = 6
-n_embd = 384
-n_head = 6
-n_kv_head = 2
-head_dim = 64
-n_expert = 8
-experts_per_token = 2
-intermediate_size = 768
-sliding_window = 128
-attn_pattern = "SF"
-rope_theta = 150000.0
+# the shape: every GPTConfig field is a setting; config/mac_micro.py is read first unless a config file is given
+from model import GPTConfig  # noqa: E402
+
+globals().update({f.name: f.default for f in fields(GPTConfig)})
 block_size = 512
 batch_size = 4
 # the bench
@@ -42,17 +32,11 @@ steps = 1  # timed steps per round
 rounds = 5
 hf = True  # also time transformers' GptOssForCausalLM on the identical model
 dense = True  # also time the equal-FLOP dense model for the MoE overhead
-# train.py settings that config files may set; accepted and ignored here
-out_dir = data_dir = ""
-grad_accum_steps = lr = min_lr = warmup_iters = lr_decay_iters = max_iters = eval_interval = eval_iters = 0
-save_every = sample_every = log_interval = 0
-rope_scaling_factor = 1.0
-initial_context_length = 4096
-router_aux_loss_coef = 0.01
-activation_checkpointing = False
 loss_chunk = 512  # as train.py: the loss fused with its gradient, 512 tokens at a time
-weight_decay = grad_clip = 0.0
-keep_last_n = 0
+# train.py settings that config files may set; accepted (None takes any value) and ignored here
+out_dir = data_dir = grad_accum_steps = lr = min_lr = warmup_iters = lr_decay_iters = max_iters = None
+eval_interval = eval_iters = save_every = sample_every = log_interval = keep_last_n = None
+router_aux_loss_coef = activation_checkpointing = weight_decay = grad_clip = None
 
 
 def sync(dev):
@@ -150,9 +134,12 @@ def peak_memory_gb(dev):
 
 def main():
     from configurator import configure
-    from model import GPTConfig, flops_per_token, param_counts
+    from model import flops_per_token, param_counts
 
-    config = configure(globals())
+    argv = sys.argv[1:]
+    if not any(a.endswith(".py") for a in argv):
+        argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "mac_micro.py"), *argv]
+    config = configure(globals(), argv)
     dev = device if device != "auto" else "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     dev_type = dev.split(":")[0]
     if dev_type == "cpu":

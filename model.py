@@ -165,8 +165,10 @@ def swiglu(h, alpha, limit):
 def grouped_mm(x, w, offs):
     """Rows of x are grouped by expert (group e ends at offs[e]); returns x[group e] @ w[e] for every e.
     torch._grouped_mm does this in one kernel on CPU and on CUDA in bf16; elsewhere (MPS, fp32 CUDA)
-    a loop over experts, which needs the group sizes on the host."""
-    if x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16):
+    a loop over experts, which needs the group sizes on the host. torch.compile cannot trace the CPU kernel
+    (its fake-tensor rule fails in torch 2.13), so a compiled CPU model takes the loop too."""
+    on_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    if on_cpu or (x.device.type == "cuda" and x.dtype == torch.bfloat16):
         return torch._grouped_mm(x, w, offs=offs)
     ends = offs.tolist()
     starts = [0] + ends[:-1]
