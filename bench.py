@@ -18,9 +18,9 @@ from dataclasses import fields
 
 import torch
 
-# the shape: every GPTConfig field is a setting; config/mac_micro.py is read first unless a config file is given
-from model import GPTConfig  # noqa: E402
+from model import GPTConfig
 
+# the shape: every GPTConfig field is a setting; config/mac_micro.py is read first unless a config file is given
 globals().update({f.name: f.default for f in fields(GPTConfig)})
 block_size = 512
 batch_size = 4

@@ -109,8 +109,6 @@ def probe(config):
     report["dtype"] = dt
     if dev_type == "mps":
         report["mps_recommended"] = torch.mps.recommended_max_memory()
-    if dev_type == "cuda":
-        report["device_total"] = torch.cuda.get_device_properties(dev).total_memory
     try:
         for split in ("train", "val"):
             DataLoader(config["data_dir"], split, config["batch_size"], config["block_size"], vocab_size=config["vocab_size"])
@@ -167,7 +165,7 @@ def run_preflight(config, budget, log):
     if free < need:
         raise Refused(f"disk: {free / GB:.1f} GB free in {probe_dir}, a run needs {need / GB:.1f} GB (two checkpoints of "
                       f"{ckpt / GB:.2f} GB and {min_free_disk_gb} GB spare): free space or use another --out_dir")
-    est = {int(b): v for b, v in report["estimate"].items()}
+    est = report["estimate"] = {int(b): v for b, v in report["estimate"].items()}  # JSON made the keys strings
     B, A = config["batch_size"], config["grad_accum_steps"]
     line = budget * stop_pct / 100
     log(f"preflight: memory estimate at micro batch {B}: {est[B] / GB:.2f} GB of the {line / GB:.2f} GB stop line")
@@ -254,7 +252,7 @@ def main(argv):
 
     budget = budget_gb * GB or 0.9 * psutil.virtual_memory().available
     report = run_preflight(config, budget, log) if preflight else {"device": "cpu"}
-    expected = {int(b): v for b, v in report.get("estimate", {}).items()}
+    expected = report.get("estimate", {})
     if check_only:
         log("preflight passed (--check-only): not starting training")
         return 0

@@ -110,10 +110,9 @@ def pick_dtype(want, dev_type):
 def setup_distributed(want_device):
     """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs and gloo on CPU, and return
     (rank, world_size, device). One process: (0, 1, the device picked as usual)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, dev = int(os.environ.get("WORLD_SIZE", "1")), pick_device(want_device)
     if world == 1:
-        return 0, 1, pick_device(want_device)
-    dev = pick_device(want_device)
+        return 0, 1, dev
     if dev.startswith("cuda"):
         dev = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(dev)
