@@ -106,6 +106,7 @@ def configure(scope, argv=None, keys=None):
     try:
         changes = parse(argv, {k: scope[k] for k in keys})
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)  # bad input: running again will not help (train.py's exit codes)
     scope.update(changes)
     return {k: scope[k] for k in keys}

@@ -68,6 +68,9 @@ def rope_tables(cfg, seq_len, device=None):
         ctx, base = cfg.initial_context_length, cfg.rope_theta
         low = half * math.log(ctx / (cfg.rope_ntk_beta * 2 * math.pi)) / math.log(base)
         high = half * math.log(ctx / (cfg.rope_ntk_alpha * 2 * math.pi)) / math.log(base)
+        # clamped to real dimensions as HF and gpt-oss do (a short initial context would put low below 0)
+        low, high = max(low, 0.0), min(high, 2 * half - 1.0)
+        high = high if high > low else low + 0.001
         ramp = (torch.arange(half, dtype=torch.float32, device=device) - low) / (high - low)
         keep = 1 - ramp.clamp(0, 1)  # 1 where a frequency is high enough to extrapolate
         inv_freq = inv_freq / cfg.rope_scaling_factor * (1 - keep) + inv_freq * keep
@@ -162,15 +165,19 @@ def swiglu(h, alpha, limit):
     return gate * torch.sigmoid(alpha * gate) * (lin + 1)
 
 
-def grouped_mm(x, w, offs):
-    """Rows of x are grouped by expert (group e ends at offs[e]); returns x[group e] @ w[e] for every e.
-    torch._grouped_mm does this in one kernel on CPU and on CUDA in bf16; elsewhere (MPS, fp32 CUDA)
-    a loop over experts, which needs the group sizes on the host. torch.compile cannot trace the CPU kernel
-    (its fake-tensor rule fails in torch 2.13), so a compiled CPU model takes the loop too."""
+def use_grouped_mm(x):
+    """torch._grouped_mm runs the experts in one kernel on CPU and on CUDA in bf16; elsewhere (MPS, fp32 CUDA)
+    a loop over experts does. torch.compile cannot trace the CPU kernel (its fake-tensor rule fails in torch
+    2.13), so a compiled CPU model takes the loop too."""
     on_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
-    if on_cpu or (x.device.type == "cuda" and x.dtype == torch.bfloat16):
+    return on_cpu or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+
+
+def grouped_mm(x, w, offs, ends=None):
+    """Rows of x are grouped by expert (group e ends at offs[e]); returns x[group e] @ w[e] for every e.
+    The loop needs the group ends on the host (`ends`, a list: one device sync, made once per layer)."""
+    if ends is None:
         return torch._grouped_mm(x, w, offs=offs)
-    ends = offs.tolist()
     starts = [0] + ends[:-1]
     return torch.cat([x[s:e] @ w[i] for i, (s, e) in enumerate(zip(starts, ends))])
 
@@ -194,10 +201,11 @@ class Experts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm
             dt = torch.get_autocast_dtype(x.device.type)
         x = x.to(dt)
+        ends = None if use_grouped_mm(x) else offs.tolist()
         # per-row biases via F.embedding: its backward is deterministic, that of bias[expert_of_row] is not on CPU
-        h = grouped_mm(x, self.gate_up_proj.to(dt), offs) + F.embedding(expert_of_row, self.gate_up_proj_bias.to(dt))
+        h = grouped_mm(x, self.gate_up_proj.to(dt), offs, ends) + F.embedding(expert_of_row, self.gate_up_proj_bias.to(dt))
         h = swiglu(h, self.alpha, self.limit)
-        return grouped_mm(h, self.down_proj.to(dt), offs) + F.embedding(expert_of_row, self.down_proj_bias.to(dt))
+        return grouped_mm(h, self.down_proj.to(dt), offs, ends) + F.embedding(expert_of_row, self.down_proj_bias.to(dt))
 
 
 class MoE(nn.Module):
@@ -275,7 +283,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """GPT-2 style: N(0, 0.02), biases 0, projections into the residual scaled by 1/sqrt(2 * n_layer).
+        """GPT-2 style: N(0, 0.02), biases and sinks 0, norms 1, projections into the residual scaled by 1/sqrt(2 * n_layer).
         Each parameter's full values are drawn on the CPU, in a fixed order, from the global RNG, then
         copied in: the same numbers on any device, after to_empty() from the meta device, or sharded over
         any number of ranks (a DTensor keeps its own shard), so runs on 1 and on 8 GPUs start alike."""
@@ -284,7 +292,7 @@ class GPT(nn.Module):
             if p.is_meta:
                 continue
             full = torch.empty(p.shape)
-            if p.dim() >= 2:
+            if p.dim() >= 2 and not name.endswith("bias"):  # expert biases are 2-D, yet biases: they start at 0
                 resid = name.endswith(("o_proj.weight", "down_proj"))
                 full.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer) if resid else std)
             else:
@@ -435,7 +443,7 @@ def activation_elements(cfg, tokens):
 
 
 def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_size=1, device="cpu",
-                    activation_checkpointing=False, loss_chunk=0, grad_accum_steps=1):
+                    activation_checkpointing=False, loss_chunk=0, grad_accum_steps=1, sync_every_micro_step=False):
     """Peak training memory per device, in bytes, by part, from a config alone. AdamW with fp32 master
     weights, gradients and two moments, all sharded over world_size (FSDP); under FSDP one layer is
     gathered at a time (plus the next, prefetched). Activations as activation_elements counts them, times
@@ -446,7 +454,9 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
     With gradient accumulation (grad_accum_steps per device > 1) later micro steps run their forward with
     the gradients already allocated, and each backward adds its gradient next to the running sum: two more
     gradient-sized buffers (measured: +0.43 GB for mac_micro's 0.23 GB of gradients). Under FSDP, skipping
-    the gradient sync costs whole (unsharded) gradients on every rank until the last micro step.
+    the gradient sync costs whole (unsharded) gradients on every rank until the last micro step, kept in the
+    reduce dtype (fp32, 4 bytes a parameter, measured on CPU with bf16 parameters); sync_every_micro_step
+    (train.py's sync_grads_every_micro_step) reduce-scatters each micro step and keeps only the shard.
     'process' is what the runtime holds before any tensor: Python + torch on CPU, the CUDA context."""
     T = block_size or cfg.block_size
     tokens = batch_size * T
@@ -466,8 +476,9 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
     layer_params = (P - n["embedding"]) / cfg.n_layer
     gathered = 0 if world_size == 1 else layer_params * (2 if device == "cuda" and dtype == "bfloat16" else 4) * 2 + layer_params * 4
     grads = 4 * shard
-    if grad_accum_steps > 1 and world_size > 1:  # FSDP skips the reduce-scatter until the last micro step, so
-        grads += P * (2 if device == "cuda" and dtype == "bfloat16" else 4)  # every rank holds whole gradients
+    if grad_accum_steps > 1 and world_size > 1:
+        if not sync_every_micro_step:  # FSDP skips the reduce-scatter until the last micro step: every rank holds
+            grads += P * 4  # whole gradients, in the fp32 reduce dtype
     elif grad_accum_steps > 1:
         grads += 8 * shard
     parts = {"weights": 4 * shard, "grads": grads, "optimizer": 8 * shard, "gathered": gathered,
@@ -497,6 +508,7 @@ if __name__ == "__main__":  # python model.py config/8b_moe.py: counts and memor
     for device, world in (("cpu", 1), ("cuda", 1), ("cuda", 8)):
         dt = "bfloat16" if device == "cuda" and dtype in ("auto", "bfloat16") else "float32" if dtype == "auto" else dtype
         m = memory_estimate(cfg, B, T, dt, world, device, settings.get("activation_checkpointing", False),
-                            settings.get("loss_chunk", 512), max(1, settings.get("grad_accum_steps", 1) // world))
+                            settings.get("loss_chunk", 512), max(1, settings.get("grad_accum_steps", 1) // world),
+                            settings.get("sync_grads_every_micro_step", False))
         print(f"memory per device, {device} x{world} {dt}, micro batch {B} x {T}: {m['total'] / 1e9:.1f} GB ("
               + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in m.items() if k != "total") + ")")

@@ -3,16 +3,19 @@ train.py under a supervisor that keeps the machine alive and still finishes the 
     python safe_train.py config/mac_micro.py                      # same arguments as train.py
     python safe_train.py config/mac_micro.py --budget_gb=10       # plus the supervisor's own settings below
     python safe_train.py config/mac_micro.py --check-only         # preflight alone: exit 0 if the setup is good
-Preflight first: device, free RAM and swap, disk, data, one forward/backward at micro batch 1, and the
-memory estimate (model.memory_estimate) against the budget; a config that cannot fit is refused with the
-micro batch and accumulation that would. Then train.py runs as a child process and is sampled every
-`interval` seconds: the child tree's memory (PSS on Linux, phys_footprint on macOS), its peak and device
-memory from train.py's heartbeat, swap growth since the start, and the system's available memory.
+Preflight first: device, free RAM and swap, disk, data, the memory estimate (model.memory_estimate) against
+the budget (on CUDA, against the GPU's memory), then one forward/backward at micro batch 1. A micro batch
+that does not fit starts smaller, with the same tokens per step (--strict refuses instead); only a model that
+does not fit at micro batch 1 is refused, before it is ever built. Then train.py runs as a child process and is sampled every
+`interval` seconds: the child tree's memory (PSS on Linux, phys_footprint on macOS), a spike between two
+samples (a rise of the peak in train.py's heartbeat, counted once), device memory, swap growth since this
+child started, and the system's available memory.
 At warn_pct of the budget: a log line. At free_pct: SIGUSR1 (train.py frees its caches). At stop_pct, or
 when the growth rate says the next sample would be past it: SIGTERM, train.py finishes its step, saves and
 exits; SIGKILL after grace_s. The run then resumes from that checkpoint with half the micro batch and twice
 the accumulation (the same tokens per step), at most max_memory_restarts times. A crash is restarted
-max_crash_restarts times; a heartbeat older than hang_s is a hang. On macOS the run holds `caffeinate`
+max_crash_restarts times; a heartbeat older than hang_s is a hang. Bad input and a non-finite loss (train.py's
+exit codes 2 and 3) are not retried: the supervisor ends with train.py's line. On macOS the run holds `caffeinate`
 and MPS gets a memory cap below the budget. Logs: out_dir/safe_training.log, out_dir/memory_monitoring.jsonl.
 The supervisor itself never imports torch (it would hold a few hundred MB for the whole run): preflight's
 torch work runs in a child process.
@@ -39,13 +42,15 @@ max_memory_restarts = 3  # resumes with half the micro batch after a memory stop
 max_crash_restarts = 2  # resumes after train.py exits with an error
 hang_s = 600.0  # a heartbeat older than this (after the first one) is a hang
 max_hours = 0.0  # stop cleanly (save) after this long; 0 = no limit
-min_free_disk_gb = 1.0  # besides two checkpoints
+min_free_disk_gb = 1.0  # besides keep_last_n + 1 checkpoints
 preflight = True
-preflight_fit = True  # refuse a config whose memory estimate is past the stop line (False: let the watch decide)
+preflight_fit = True  # start at a micro batch whose estimate is under the stop line (False: let the watch decide)
+strict = False  # refuse a micro batch over the stop line instead of starting at one that fits
 train_script = "train.py"  # the child; tests put a helper here
 SETTINGS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 HERE = os.path.dirname(os.path.abspath(__file__))
 GB = 1e9
+BAD_INPUT, NON_FINITE = 2, 3  # train.py's exit codes for what no restart can fix
 
 
 class Refused(Exception):
@@ -109,6 +114,10 @@ def probe(config):
     report["dtype"] = dt
     if dev_type == "mps":
         report["mps_recommended"] = torch.mps.recommended_max_memory()
+    line = config["_line"]  # the host's stop line; on CUDA each device's own memory is what must hold the run
+    if dev_type == "cuda":
+        line = torch.cuda.get_device_properties(dev).total_memory * config["_stop_pct"] / 100
+    report["line"], report["line_of"] = line, "GPU memory" if dev_type == "cuda" else "the budget"
     try:
         for split in ("train", "val"):
             DataLoader(config["data_dir"], split, config["batch_size"], config["block_size"], vocab_size=config["vocab_size"])
@@ -123,7 +132,12 @@ def probe(config):
         return memory_estimate(cfg, b, config["block_size"], dt, 1, dev_type, config.get("activation_checkpointing", False),
                                config.get("loss_chunk", 0), accum)["total"]
 
-    report["estimate"] = {b: estimate(b) for b in sorted({config["batch_size"]} | {2 ** i for i in range(12)}) if b <= config["batch_size"]}
+    report["estimate"] = est = {b: estimate(b) for b in sorted({config["batch_size"]} | {2 ** i for i in range(12)}) if b <= config["batch_size"]}
+    if config["_fit"]:  # before any model is built: a config that cannot fit must not exhaust memory in its own check
+        try:
+            report["batch"] = fit_micro_batch(est, line, config["batch_size"], config["grad_accum_steps"], config["_strict"], report["line_of"])
+        except Refused as e:
+            return {"error": str(e)}
     # one forward/backward at micro batch 1 on a short sequence: the model builds, the device runs it, the loss is sane
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
@@ -137,14 +151,29 @@ def probe(config):
     return report
 
 
+def fit_micro_batch(est, line, B, A, strict=False, line_of="the budget"):
+    """The micro batch to start at: B when its estimate is under the stop line, else the largest that is and
+    keeps the B * A tokens per step. Refused when micro batch 1 does not fit, or B does not and strict is set."""
+    if est[B] <= line:
+        return B
+    fits = [b for b in sorted(est, reverse=True) if est[b] <= line and B * A % b == 0]
+    if not fits:
+        raise Refused(f"memory: even micro batch 1 needs ~{est[1] / GB:.1f} GB by the estimate, over the stop line of "
+                      f"{line / GB:.1f} GB ({line_of}): use a smaller model or block_size, or a larger --budget_gb")
+    if strict:
+        raise Refused(f"memory: micro batch {B} needs ~{est[B] / GB:.1f} GB by the estimate, over the stop line of "
+                      f"{line / GB:.1f} GB ({line_of}) (--strict): use --batch_size={fits[0]} --grad_accum_steps={B * A // fits[0]}")
+    return fits[0]
+
+
 def run_preflight(config, budget, log):
     """Everything checked before training starts; raises Refused with one line."""
     out_dir = config["out_dir"]
     vm, sw = psutil.virtual_memory(), psutil.swap_memory()
     log(f"preflight: RAM {vm.total / GB:.1f} GB, available {vm.available / GB:.1f} GB, swap used {sw.used / GB:.1f} of "
         f"{sw.total / GB:.1f} GB, budget {budget / GB:.1f} GB (stop at {stop_pct:.0f}%: {budget * stop_pct / 100 / GB:.1f} GB)")
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", json.dumps(config)],
-                       capture_output=True, text=True)
+    want = {**config, "_line": budget * stop_pct / 100, "_stop_pct": stop_pct, "_strict": strict, "_fit": preflight_fit}
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", json.dumps(want)], capture_output=True, text=True)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise Refused(f"the forward/backward probe failed: {last}")
@@ -155,28 +184,26 @@ def run_preflight(config, budget, log):
         raise Refused(f"one forward/backward on {report['device']} gave loss {report['probe_loss']}: the setup is broken")
     log(f"preflight: device {report['device']} ({report['dtype']}), {report['params'] / 1e6:.1f}M parameters, "
         f"probe loss {report['probe_loss']:.2f}, data {config['data_dir']} ok")
-    # disk: two checkpoints (the new one is complete before the old one goes) plus a margin
+    # disk: the keep_last_n kept and the one being written (it is complete before the oldest goes), plus a margin
     ckpt = report["params"] * 12  # fp32 weights and two AdamW moments
+    keep = config.get("keep_last_n", 3)
+    n_ckpt = keep + 1 if keep > 0 else config.get("max_iters", 0) // max(1, config.get("save_every", 1)) + 1
     probe_dir = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir)) or "."
     while not os.path.isdir(probe_dir):
         probe_dir = os.path.dirname(probe_dir)
     free = shutil.disk_usage(probe_dir).free
-    need = 2 * ckpt + min_free_disk_gb * GB
+    need = n_ckpt * ckpt + min_free_disk_gb * GB
     if free < need:
-        raise Refused(f"disk: {free / GB:.1f} GB free in {probe_dir}, a run needs {need / GB:.1f} GB (two checkpoints of "
-                      f"{ckpt / GB:.2f} GB and {min_free_disk_gb} GB spare): free space or use another --out_dir")
+        raise Refused(f"disk: {free / GB:.1f} GB free in {probe_dir}, a run needs {need / GB:.1f} GB ({n_ckpt} checkpoints of "
+                      f"{ckpt / GB:.2f} GB: keep_last_n {keep} and the one being written, and {min_free_disk_gb} GB spare): "
+                      f"free space, lower --keep_last_n or use another --out_dir")
     est = report["estimate"] = {int(b): v for b, v in report["estimate"].items()}  # JSON made the keys strings
-    B, A = config["batch_size"], config["grad_accum_steps"]
-    line = budget * stop_pct / 100
-    log(f"preflight: memory estimate at micro batch {B}: {est[B] / GB:.2f} GB of the {line / GB:.2f} GB stop line")
-    if preflight_fit and est[B] > line:
-        fits = [b for b in sorted(est, reverse=True) if est[b] <= line and B * A % b == 0]
-        if not fits:
-            raise Refused(f"memory: even micro batch 1 needs ~{est[1] / GB:.1f} GB by the estimate, over the stop line of "
-                          f"{line / GB:.1f} GB: use a smaller model or block_size, or a larger --budget_gb")
-        b = fits[0]
-        raise Refused(f"memory: micro batch {B} needs ~{est[B] / GB:.1f} GB by the estimate, over the stop line of "
-                      f"{line / GB:.1f} GB: use --batch_size={b} --grad_accum_steps={B * A // b} (the same tokens per step)")
+    B, A, line = config["batch_size"], config["grad_accum_steps"], report["line"]
+    log(f"preflight: memory estimate at micro batch {B}: {est[B] / GB:.2f} GB of the {line / GB:.2f} GB stop line ({report['line_of']})")
+    b = report.get("batch", B)
+    if b != B:
+        log(f"micro batch {B} needs ~{est[B] / GB:.1f} GB by the estimate, over the stop line: starting at micro batch {b} x "
+            f"{B * A // b} accumulation steps instead (the same tokens per step; --strict refuses instead)")
     return report
 
 
@@ -204,6 +231,33 @@ def tree_footprint(proc):
     return total
 
 
+def new_watch():
+    """What the accounting remembers about one child: its highest heartbeat peak seen, and swap at its start."""
+    return {"peak": 0.0, "swap0": psutil.swap_memory().used}
+
+
+def sample_used(watch, tree, beat, swap_used, device):
+    """Bytes the run holds at this sample. The heartbeat's peak_rss_gb is the process's lifetime high-water mark:
+    a rise of it since the last sample is a spike between samples and counts in this one sample only (a
+    one-off spike, a save or an eval, must not weigh on every later sample). Device memory counts on MPS
+    (unified memory). Swap counts as its growth since this child started: swap left by an earlier child,
+    stopped for memory, is not this one's."""
+    peak = (beat or {}).get("peak_rss_gb", 0) * GB
+    spike = peak if peak > watch["peak"] else 0
+    watch["peak"] = max(watch["peak"], peak)
+    device_mem = (beat or {}).get("device_mem_gb", 0) * GB if device == "mps" else 0
+    return max(tree, spike, device_mem) + max(0, swap_used - watch["swap0"])
+
+
+def child_stderr(child, keep):
+    """Pass the child's stderr through as it comes, and keep its last line (train.py's one-line error)."""
+    for line in child.stderr:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        if line.strip():
+            keep["last"] = line.strip()
+
+
 def read_heartbeat(out_dir):
     try:
         with open(os.path.join(out_dir, "heartbeat.json")) as f:
@@ -228,8 +282,14 @@ def mps_env(budget, recommended):
 
 def main(argv):
     global budget_gb
+    import threading
+
+    import checkpoint
     from configurator import ConfigError, parse
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ:
+        raise Refused("safe_train.py watches one training process on one machine and does not supervise torchrun: "
+                      "run `torchrun ... train.py` directly (README, 'Multi-GPU')")
     mine, train_args, check_only = split_args(argv)
     try:
         for k, v in parse([f"--{k}={v}" for k, v in mine.items()], SETTINGS).items():
@@ -241,6 +301,9 @@ def main(argv):
     if train_script != "train.py":  # a test helper: it takes --out_dir only
         config["out_dir"] = next((a.split("=", 1)[1] for a in train_args if a.startswith("--out_dir=")), "out")
     out_dir = config["out_dir"]
+    pid = checkpoint.holder(out_dir)
+    if pid:
+        raise Refused(checkpoint.in_use(out_dir, pid))
     os.makedirs(out_dir, exist_ok=True)
     log_path, samples_path = os.path.join(out_dir, "safe_training.log"), os.path.join(out_dir, "memory_monitoring.jsonl")
 
@@ -258,11 +321,14 @@ def main(argv):
         return 0
 
     shape = {"batch_size": config.get("batch_size"), "grad_accum_steps": config.get("grad_accum_steps")}
+    if report.get("batch", shape["batch_size"]) != shape["batch_size"]:
+        b = report["batch"]
+        shape = {"batch_size": b, "grad_accum_steps": shape["batch_size"] * shape["grad_accum_steps"] // b}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if sys.platform == "darwin" and report["device"] == "mps":
         env.update(mps_env(budget, report["mps_recommended"]))
     counts = {"memory": 0, "crash": 0}
-    peak, start, swap0 = 0, time.time(), psutil.swap_memory().used
+    peak, start = 0, time.time()
     user_stop = {"sig": None}
 
     def on_signal(signum, frame):
@@ -276,8 +342,12 @@ def main(argv):
         extra = [f"--{k}={v}" for k, v in shape.items() if v is not None and v != config.get(k)]
         cmd = [sys.executable, os.path.join(HERE, train_script), *train_args, *extra]
         log(f"starting {' '.join(os.path.basename(c) if i < 2 else c for i, c in enumerate(cmd))}")
-        child = subprocess.Popen(cmd, env=env, start_new_session=True)  # own session: a Ctrl-C reaches us, we decide
+        child = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)  # own session: a Ctrl-C reaches us, we decide
+        err = {"last": ""}
+        reader = threading.Thread(target=child_stderr, args=(child, err), daemon=True)
+        reader.start()
         proc = psutil.Process(child.pid)
+        watch = new_watch()
         caffeinate = subprocess.Popen(caffeinate_cmd(child.pid)) if sys.platform == "darwin" else None
         reason, sent_term, sent_free, warned, prev = None, None, False, False, None
         while child.poll() is None:
@@ -287,9 +357,7 @@ def main(argv):
             beat = read_heartbeat(out_dir)
             beat = beat if beat and beat.get("pid") == child.pid else None
             tree = tree_footprint(proc)
-            used = max(tree, (beat or {}).get("peak_rss_gb", 0) * GB,
-                       (beat or {}).get("device_mem_gb", 0) * GB if report["device"] == "mps" else 0)
-            used += max(0, psutil.swap_memory().used - swap0)
+            used = sample_used(watch, tree, beat, psutil.swap_memory().used, report["device"])
             rate = max(0.0, (used - prev[1]) / (now - prev[0])) if prev else 0.0
             prev = (now, used)
             # where memory will be by the time a stop could take effect. Every training step climbs to its
@@ -343,6 +411,7 @@ def main(argv):
                 warned = True
         if caffeinate:
             caffeinate.terminate()
+        reader.join(timeout=5)
         rc = child.returncode
         beat = read_heartbeat(out_dir) or {}
         if reason is None and rc == -signal.SIGKILL:
@@ -350,6 +419,9 @@ def main(argv):
             log("train.py was killed (SIGKILL) by something else, most likely the system's out-of-memory killer")
         at = f" at iter {beat['iter']}" if beat.get("pid") == child.pid else ""
         log(f"{os.path.basename(train_script)} exited with code {rc}{at}" + (f" ({reason} stop)" if reason else ""))
+        if rc in (BAD_INPUT, NON_FINITE) and reason is None:  # deterministic: a restart would fail the same way
+            log(f"not restarting: {err['last']}")
+            return 1
         if reason == "memory":
             counts["memory"] += 1
             if counts["memory"] > max_memory_restarts:

@@ -44,12 +44,15 @@ def main():
     from data_loader import DataError, get_tokenizer
 
     configure(globals())
-    path = ckpt
-    if not path and os.path.exists(os.path.join(out_dir, "latest")):
-        with open(os.path.join(out_dir, "latest")) as f:
-            path = os.path.join(out_dir, f.read().strip())
-    if not path or not os.path.exists(os.path.join(path, "config.json")):
-        sys.exit(f"sample.py: no checkpoint in {ckpt or out_dir}: train first, or pass --out_dir / --ckpt")
+    import checkpoint
+
+    latest = checkpoint.read_latest(out_dir)
+    path = ckpt or (os.path.join(out_dir, latest) if latest else "")
+    if not path:
+        sys.exit(f"sample.py: no checkpoint in {out_dir}: train first, or pass --out_dir / --ckpt")
+    problem = checkpoint.verify(path)
+    if problem:
+        sys.exit(f"sample.py: {problem}: pass --ckpt=<an older ckpt_N folder>")
     dev = device
     if dev == "auto":
         dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"

@@ -15,7 +15,6 @@ import math
 import os
 import pickle
 import random
-import shutil
 import signal
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 data_dir = "data/stdlib_docs"  # meta.json + token shards (prepare_fineweb.py)
 out_dir = "out"
 resume = True  # continue from out_dir/latest when there is one
+overwrite = False  # with resume=False: start over in an out_dir that holds checkpoints (they are pruned as new ones are saved)
 eval_interval = 250
 eval_iters = 20  # batches per split for an eval
 log_interval = 10
@@ -45,6 +45,7 @@ top_k = 200
 batch_size = 8  # micro batch per device
 block_size = 256
 grad_accum_steps = 1  # micro steps per optimizer step, over all ranks (as nanoGPT): each rank does grad_accum_steps / world_size
+sync_grads_every_micro_step = False  # FSDP: reduce-scatter after every micro step: sharded gradients (less memory), more traffic
 activation_checkpointing = False  # recompute each block in the backward: ~1/3 more compute, activations of one block
 loss_chunk = 512  # tokens per piece of the loss, fused with its gradient: [tokens, vocab] logits never exist whole (0 = all at once)
 # model (see model.GPTConfig)
@@ -166,65 +167,126 @@ def peak_rss_gb():
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9  # bytes on macOS, KB on Linux
 
 
-def memory_gb(dev):
-    """(used, total) in GB for the log line and the heartbeat."""
+def memory_gb(dev, now=False):
+    """(used, total) in GB: on CUDA the peak allocated (the log line) or, with now, what the allocator holds at
+    this moment (the heartbeat: safe_train.py watches the present, not a peak that stays up forever)."""
     import psutil
 
     if dev.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(dev) / 1e9, torch.cuda.get_device_properties(dev).total_memory / 1e9
+        used = torch.cuda.memory_reserved(dev) if now else torch.cuda.max_memory_allocated(dev)
+        return used / 1e9, torch.cuda.get_device_properties(dev).total_memory / 1e9
     total = psutil.virtual_memory().total / 1e9
     if dev == "mps":
         return torch.mps.driver_allocated_memory() / 1e9, total
     return psutil.Process().memory_info().rss / 1e9, total
 
 
-def write_json_atomic(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+# exit codes, for safe_train.py and your scripts: 0 finished or stopped cleanly (and saved); 2 bad input (a
+# config, data or out_dir problem: running again will not help); 3 the loss or gradient went non-finite.
+# Anything else is a crash.
+BAD_INPUT, NON_FINITE = 2, 3
 
 
-def list_checkpoints(out_dir):
-    names = [n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit()] if os.path.isdir(out_dir) else []
-    return sorted(names, key=lambda n: int(n[5:]))
+def fail(msg, code=BAD_INPUT):
+    print(msg, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
-def latest_checkpoint(out_dir):
-    path = os.path.join(out_dir, "latest")
+TEST_HOOKS = set(os.environ.get("NANOOSS_TEST_HOOKS", "").split(","))
+
+
+def test_hook(event):
+    """True when a test asked for `event` (NANOOSS_TEST_HOOKS=event,...). Tests use it to deliver a signal
+    inside the windows that a real signal hits only by chance, and to hide a checkpoint from one rank as
+    a node without the shared filesystem would."""
+    return event in TEST_HOOKS
+
+
+def rng_state(dev_type):
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if dev_type == "cuda" else None}
+
+
+def set_rng_state(state, dev_type):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if dev_type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def trim_log(path, iter_num):
+    """log.jsonl keeps the history of the run that continues from iter_num: records of steps after it (made
+    before a kill, about to be made again) and a half-written last line are dropped."""
     if not os.path.exists(path):
-        return None
+        return
+    keep = []
     with open(path) as f:
-        name = f.read().strip()
-    return os.path.join(out_dir, name) if os.path.isdir(os.path.join(out_dir, name)) else None
+        for line in f:
+            try:
+                if json.loads(line).get("iter", 0) <= iter_num:
+                    keep.append(line.rstrip("\n") + "\n")
+            except ValueError:
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def choose_checkpoint(config, model_keys):
+    """Rank 0, before anything in out_dir is written: the checkpoint to resume from, or None for a fresh
+    start. Raises CheckpointError (one line) for an out_dir this run must not touch."""
+    import checkpoint
+
+    if not resume:
+        existing = checkpoint.names(out_dir)
+        if existing and not overwrite:
+            raise checkpoint.CheckpointError(
+                f"{out_dir} already holds checkpoints ({', '.join(sorted(existing, key=lambda n: int(n[5:]))[-3:])}) and "
+                f"--resume=False: pass --resume=True to continue that run, --overwrite=True to start over in it, or use a new --out_dir")
+        return None
+    ckpt = checkpoint.find(out_dir)
+    if ckpt:
+        with open(os.path.join(ckpt, "config.json")) as f:
+            saved = json.load(f)
+        diff = [k for k in model_keys if saved.get(k) != config[k]]
+        if diff:
+            raise checkpoint.CheckpointError(
+                f"config error: {ckpt} holds a different model ({', '.join(f'{k} {saved.get(k)} vs {config[k]}' for k in diff)}): "
+                f"use its settings or a new --out_dir")
+    return ckpt
 
 
 def main():
+    import checkpoint
     from configurator import configure
     from data_loader import DataError, DataLoader, get_tokenizer
     from model import GPT, GPTConfig, flops_per_token, param_counts
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    # ---- set-up: settings, processes, device and precision, data; nothing in out_dir is touched until all are good
     config = configure(globals())
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is intended
     model_keys = [f.name for f in fields(GPTConfig) if f.name in config]
-
-    # ---- processes, device, precision, seeds
     rank, world, dev = setup_distributed(device)
-    master = rank == 0  # logs, samples to the console, writes files other than checkpoint shards
+    master = rank == 0  # logs, samples to the console, decides about out_dir, writes files other than checkpoint shards
     dist = world > 1
     if grad_accum_steps % world:
-        sys.exit(f"config error: grad_accum_steps {grad_accum_steps} is not a multiple of the {world} processes: "
-                 f"it counts micro steps over all ranks; use {max(world, grad_accum_steps // world * world)}")
+        fail(f"config error: grad_accum_steps {grad_accum_steps} is not a multiple of the {world} processes: "
+             f"it counts micro steps over all ranks; use {max(world, grad_accum_steps // world * world)}")
     accum = grad_accum_steps // world  # micro steps on this rank
     dev_type = "cuda" if dev.startswith("cuda") else "mps" if dev == "mps" else "cpu"
     dt = pick_dtype(dtype, dev_type)
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dt)
     if ptdtype is None:
-        sys.exit(f"config error: dtype {dt!r} is not one of float32, bfloat16, float16")
+        fail(f"config error: dtype {dt!r} is not one of float32, bfloat16, float16")
     if dist and dt == "float16":
-        sys.exit("config error: dtype float16 needs a gradient scaler that FSDP does not share; use bfloat16 or float32")
+        fail("config error: dtype float16 needs a gradient scaler that FSDP does not share; use bfloat16 or float32")
+    for key in ("n_embd", "intermediate_size"):  # torch._grouped_mm wants 16-byte-aligned rows, in bf16 too
+        if config[key] % 8:
+            fail(f"config error: {key} {config[key]} is not a multiple of 8, which the experts' grouped matmul needs: "
+                 f"use {config[key] // 8 * 8 + 8}")
     if not master:
         sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints; errors (stderr) still come from every rank
 
@@ -239,6 +301,22 @@ def main():
 
     def all_mean(t):
         return all_sum(t) / world
+
+    def any_rank(flag):
+        """True on every rank when it is True on any: control flow only ever follows values all ranks agreed on."""
+        if not dist:
+            return bool(flag)
+        t = torch.tensor([float(flag)], device=dev)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return t.item() > 0
+
+    def from_rank0(obj):
+        if dist:
+            box = [obj]
+            torch.distributed.broadcast_object_list(box, src=0)
+            obj = box[0]
+        return obj
+
     ctx = nullcontext() if dt == "float32" else torch.autocast(device_type=dev_type, dtype=ptdtype)
     use_compile = (dev_type == "cuda") if compile is None else compile
     torch.manual_seed(seed)
@@ -247,14 +325,34 @@ def main():
     if dev_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    # ---- data (checked before anything in out_dir is touched)
     try:
         train_data, val_data, train_eval = (DataLoader(data_dir, split, batch_size, block_size, rank, world, vocab_size)
                                             for split in ("train", "val", "train"))
     except DataError as e:
-        sys.exit(f"data error: {e}")
+        fail(f"data error: {e}")
     meta = train_data.meta
+
+    # ---- out_dir: rank 0 decides what to resume (every node may see its own files: only one decides), takes
+    # the writer lock and clears what a killed save left; then every rank checks it can see the choice
+    verdict = None
+    if master:
+        try:
+            ckpt = choose_checkpoint(config, model_keys)
+            os.makedirs(out_dir, exist_ok=True)
+            lock = checkpoint.lock(out_dir)  # held until this process ends
+            checkpoint.remove_leftovers(out_dir)
+            verdict = {"ckpt": ckpt}
+        except checkpoint.CheckpointError as e:
+            verdict = {"error": str(e)}
+    verdict = from_rank0(verdict)
+    if "error" in verdict:
+        fail(verdict["error"]) if master else sys.exit(BAD_INPUT)
+    ckpt = verdict["ckpt"]
+    if ckpt:
+        unseen = not os.path.exists(os.path.join(ckpt, ".metadata")) or test_hook(f"hide_checkpoint:{rank}")
+        if any_rank(unseen):
+            fail(f"rank {rank} cannot see {ckpt}, the checkpoint rank 0 chose: out_dir must be one filesystem that "
+                 f"every node shares (README, 'Resuming')") if unseen else sys.exit(BAD_INPUT)
 
     # ---- model and optimizer
     cfg = GPTConfig(**{k: config[k] for k in model_keys})
@@ -266,68 +364,50 @@ def main():
     torch.manual_seed(seed)
     model.init_weights()  # the same values on any number of ranks
     model.activation_checkpointing, model.loss_chunk = activation_checkpointing, loss_chunk
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices and stacked experts; not norms, biases, sinks
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # weight decay on weight matrices and stacked experts only: never on biases (expert biases are 2-D), norms, sinks
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith("bias")]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.endswith("bias")]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=lr, betas=(beta1, beta2), fused=dev_type == "cuda")
     scaler = torch.amp.GradScaler(dev_type, enabled=dt == "float16")
     iter_num, best_val_loss = 0, float("inf")
 
     # ---- resume
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt:
-        with open(os.path.join(ckpt, "config.json")) as f:
-            saved = json.load(f)
-        diff = [k for k in model_keys if saved.get(k) != config[k]]
-        if diff:
-            sys.exit(f"config error: {ckpt} holds a different model ({', '.join(f'{k} {saved.get(k)} vs {config[k]}' for k in diff)}): "
-                     f"use its settings or a new --out_dir")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd, "trainer": b""}
-        dcp.load(state, checkpoint_id=ckpt)
+        try:
+            dcp.load(state, checkpoint_id=ckpt)
+        except Exception as e:  # verified complete by its sizes, yet unreadable: say which, never a traceback
+            fail(f"checkpoint error: cannot read {ckpt} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): move it "
+                 f"away to resume from the one before")
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         trainer = pickle.loads(state["trainer"])
         iter_num, best_val_loss = trainer["iter_num"], trainer["best_val_loss"]
         try:
             train_data.load_state_dict(trainer["data"])
         except DataError as e:
-            sys.exit(f"data error: {e}")
-        torch.set_rng_state(trainer["rng"]["torch"])
-        np.random.set_state(trainer["rng"]["numpy"])
-        random.setstate(trainer["rng"]["python"])
-        if dev_type == "cuda" and trainer["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(trainer["rng"]["cuda"])
+            fail(f"data error: {e}")
+        set_rng_state(trainer["rng"], dev_type)
         print(f"resumed from {ckpt} at iter {iter_num}")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if master:
+        trim_log(log_path, iter_num)
 
-    def save_checkpoint():
-        """out_dir/ckpt_<iter>/ as a DCP directory (one file per rank, any world size can load it), written
-        under a temporary name and renamed when complete; then out_dir/latest is switched to it. A crash at
-        any point leaves the old one intact."""
-        name = f"ckpt_{iter_num}"
-        final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".{name}.tmp")
-        if master:
-            shutil.rmtree(tmp, ignore_errors=True)
-        barrier()
+    def save():
+        """A checkpoint of this moment, then pruning (checkpoint.py says what is promised)."""
+        heartbeat("save", force=True)
+        trainer = {"iter_num": iter_num, "best_val_loss": best_val_loss, "data": train_data.state_dict(), "rng": rng_state(dev_type)}
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        trainer = {"iter_num": iter_num, "best_val_loss": best_val_loss, "data": train_data.state_dict(),
-                   "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                           "cuda": torch.cuda.get_rng_state() if dev_type == "cuda" else None}}
-        dcp.save({"model": model_sd, "optim": optim_sd, "trainer": pickle.dumps(trainer)}, checkpoint_id=tmp)
+        try:
+            path = checkpoint.save(out_dir, iter_num, {"model": model_sd, "optim": optim_sd, "trainer": pickle.dumps(trainer)},
+                                   {**config, "tokenizer": meta.get("tokenizer"), "eot": meta.get("eot"), "world_size": world},
+                                   master, barrier)
+        except checkpoint.CheckpointError as e:
+            fail(f"checkpoint error: {e}", 1)
         if master:
-            write_json_atomic(os.path.join(tmp, "config.json"), {**config, "tokenizer": meta.get("tokenizer"),
-                                                                 "eot": meta.get("eot"), "world_size": world})
-            if os.path.exists(final):  # saving the same iteration again (after a resume): swap, never delete first
-                os.rename(final, final + ".old")
-            os.rename(tmp, final)
-            with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
-                f.write(name)
-            os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-            shutil.rmtree(final + ".old", ignore_errors=True)
-            for old in list_checkpoints(out_dir)[:-keep_last_n] if keep_last_n > 0 else []:
-                shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
-        barrier()
-        print(f"saved {final}")
+            checkpoint.prune(out_dir, keep_last_n)
+        print(f"saved {path}")
 
     raw_model = model
     if use_compile:
@@ -374,14 +454,16 @@ def main():
         raw_model.train()
         return tokenizer.decode(out[0, 1:].tolist())
 
-    # ---- signals and heartbeat
+    # ---- signals and heartbeat. A handler only raises this rank's flag; the loop folds it into an agreement
+    # of all ranks at the next micro step or step, and acts on the agreed value alone, so a signal is never
+    # lost (nothing lowers the flag) and ranks never part ways (one saving while another runs a forward).
     flags = {"stop": False, "free": False}
 
     def on_stop(signum, frame):
         if flags["stop"]:  # second Ctrl-C: the user means it
             raise KeyboardInterrupt
         flags["stop"] = True
-        print(f"signal {signal.Signals(signum).name}: finishing this step, then saving", flush=True)
+        print(f"signal {signal.Signals(signum).name}: stopping at the next micro step, then saving", flush=True)
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
@@ -394,9 +476,9 @@ def main():
         nonlocal last_beat
         now = time.time()
         if master and (force or now - last_beat >= 1.0):
-            used, total = memory_gb(dev)
-            write_json_atomic(heartbeat_path, {"time": now, "pid": os.getpid(), "iter": iter_num, "phase": phase,
-                                               "device_mem_gb": used, "device_total_gb": total, "peak_rss_gb": peak_rss_gb()})
+            used, total = memory_gb(dev, now=True)
+            checkpoint.write_json_atomic(heartbeat_path, {"time": now, "pid": os.getpid(), "iter": iter_num, "phase": phase,
+                                                          "device_mem_gb": used, "device_total_gb": total, "peak_rss_gb": peak_rss_gb()})
             last_beat = now
 
     # ---- the loop
@@ -406,7 +488,7 @@ def main():
     peak = peak_flops(dev, dt)
     print(f"{f'{world} processes (FSDP) | ' if dist else ''}device {dev} | dtype {dt} | compile {use_compile} | params {n['total'] / 1e6:.2f}M total, "
           f"{n['active'] / 1e6:.2f}M active | {tokens_per_iter} tokens/iter")
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
+    log_file = open(log_path, "a") if master else None
 
     def log(record):
         if master:
@@ -415,7 +497,9 @@ def main():
 
     heartbeat("start", force=True)
     t_last, tokens_since = time.time(), 0
-    while iter_num < max_iters and not flags["stop"]:
+    stop = dropped = False  # agreed by all ranks
+    while iter_num < max_iters and not stop:
+        step_start = train_data.state_dict(), rng_state(dev_type)  # a stop mid-step goes back here
         cur_lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
@@ -424,8 +508,15 @@ def main():
         z_sum = torch.zeros((), device=dev)
         load = torch.zeros(cfg.n_layer, cfg.n_expert, device=dev)
         for micro in range(accum):
-            if dist:  # reduce-scatter the gradients only after the last micro step
-                raw_model.set_requires_gradient_sync(micro == accum - 1)
+            if test_hook(f"sigterm:micro:{iter_num + 1}.{micro}:{rank}"):
+                os.kill(os.getpid(), signal.SIGTERM)
+            # a long step (8b_moe: 32 micro steps) outlasts torchrun's 30 s between a signal and SIGKILL: check
+            # between micro steps, and drop the unfinished step rather than finish it
+            if micro and any_rank(flags["stop"]):
+                stop = dropped = True
+                break
+            if dist:  # reduce-scatter the gradients only after the last micro step, unless memory asks for every one
+                raw_model.set_requires_gradient_sync(sync_grads_every_micro_step or micro == accum - 1)
             x, y = train_data.next_batch()
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             with ctx:
@@ -436,6 +527,12 @@ def main():
             aux_sum += stats["aux"].detach()
             z_sum += stats["z"].detach()
             load += stats["load"]
+        if dropped:  # the checkpoint then holds the data position and RNG of this step's start: resuming redoes it exactly
+            optimizer.zero_grad(set_to_none=True)
+            train_data.load_state_dict(step_start[0])
+            set_rng_state(step_start[1], dev_type)
+            print(f"stopping: step {iter_num + 1} dropped after {micro} of {accum} micro steps (it is redone on resume)", flush=True)
+            break
         scaler.unscale_(optimizer)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):  # FSDP: the norm over all shards, the same on every rank
@@ -443,13 +540,15 @@ def main():
         # one host sync per step: a non-finite loss must stop the run before the optimizer touches weights,
         # and every rank must agree on stopping (a signal may reach them at different steps)
         step = all_sum(torch.stack([loss_sum / accum / world, torch.tensor(float(flags["stop"]), device=dev)]))
-        lossf, stop, gnormf = torch.cat([step, gnorm.float().reshape(1)]).tolist()
-        flags["stop"] = stop > 0
+        if test_hook(f"sigterm:sync:{iter_num + 1}:{rank}"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        lossf, stop_votes, gnormf = torch.cat([step, gnorm.float().reshape(1)]).tolist()
+        stop = stop_votes > 0  # a signal that came after the vote stays raised for the next one
         if not math.isfinite(lossf) or (not math.isfinite(gnormf) and dt != "float16"):
-            last = latest_checkpoint(out_dir)
-            sys.exit(f"stopping: {'loss' if not math.isfinite(lossf) else 'gradient norm'} is not finite at iter "
-                     f"{iter_num + 1}; weights not updated, last good checkpoint: {last or 'none'} "
-                     f"(try a lower --lr or --grad_clip)")
+            last = checkpoint.read_latest(out_dir)
+            fail(f"stopping: {'loss' if not math.isfinite(lossf) else 'gradient norm'} is not finite at iter "
+                 f"{iter_num + 1}; weights not updated, last good checkpoint: {last or 'none'} "
+                 f"(try a lower --lr or --grad_clip)", NON_FINITE)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -479,6 +578,8 @@ def main():
 
         if eval_interval > 0 and (iter_num % eval_interval == 0 or iter_num == max_iters):
             heartbeat("eval", force=True)
+            if test_hook(f"sigterm:eval:{iter_num}:{rank}"):
+                os.kill(os.getpid(), signal.SIGTERM)
             losses = estimate_loss()
             best_val_loss = min(best_val_loss, losses["val"])
             print(f"eval {iter_num} | train {losses['train']:.3f} | val {losses['val']:.3f} | val ppl {math.exp(losses['val']):.1f}", flush=True)
@@ -501,9 +602,10 @@ def main():
             flags["free"] = False
             print("freed cached memory (SIGUSR1)", flush=True)
 
-        if iter_num % save_every == 0 or iter_num == max_iters or flags["stop"]:
-            heartbeat("save", force=True)
-            save_checkpoint()
+        if iter_num % save_every == 0 or iter_num == max_iters or stop:
+            save()
+    if dropped and checkpoint.read_latest(out_dir) != f"ckpt_{iter_num}":  # (when it names it, that one is this state)
+        save()
 
     heartbeat("done", force=True)
     if master:

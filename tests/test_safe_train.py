@@ -79,8 +79,8 @@ def test_crashing_child_is_restarted_a_bounded_number_of_times(tmp_path):
                   "--interval=0.2", f"--out_dir={out}")
     assert r.returncode == 1
     log = open(out / "safe_training.log").read()
-    assert log.count("] starting ") == 3 and log.count("crash.py exited with code 3") == 3
-    assert "summary: gave up (exit code 3, and 2 crash restarts used up)" in log
+    assert log.count("] starting ") == 3 and log.count("crash.py exited with code 1") == 3
+    assert "summary: gave up (exit code 1, and 2 crash restarts used up)" in log
     assert "restarts: 0 after 0 memory stops, 2 after 3 crashes" in log
 
 

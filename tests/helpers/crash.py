@@ -2,4 +2,4 @@
 import sys
 
 print("helper: failing on purpose", file=sys.stderr)
-sys.exit(3)
+sys.exit(1)  # what a Python traceback exits with

@@ -1,0 +1,201 @@
+"""
+What a checkpoint is, in a few functions that train.py, sample.py, safe_train.py and the tests call:
+    out_dir/ckpt_<iter>/   a torch.distributed.checkpoint directory (.metadata + one .distcp per rank) + config.json
+    out_dir/latest         the name of the newest complete checkpoint
+    out_dir/.lock          held by the one process that writes to out_dir (an OS lock: a killed holder leaves none)
+The promises: `latest` only ever names a checkpoint verified complete; pruning never removes the one `latest`
+names nor anything saved after it (save order, not iteration number); a missing or damaged checkpoint is a
+loud fallback to an older complete one, never a silent start from zero.
+This file needs torch only to write and read the DCP files themselves.
+"""
+import json
+import os
+import shutil
+import time
+
+
+class CheckpointError(Exception):
+    """A checkpoint problem; the message is one line that names the file and the fix."""
+
+
+def names(out_dir):
+    """ckpt_<iter> folders in out_dir, complete or not."""
+    if not os.path.isdir(out_dir):
+        return []
+    return [n for n in os.listdir(out_dir) if n.startswith("ckpt_") and n[5:].isdigit()]
+
+
+def verify(path):
+    """None when path is a complete checkpoint, else one line saying what is wrong with which file: its
+    config.json and .metadata read, and every shard file the metadata points into is there, whole."""
+    if not os.path.isdir(path):
+        return f"{path} does not exist"
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{os.path.join(path, 'config.json')} is missing or damaged ({type(e).__name__})"
+    meta = os.path.join(path, ".metadata")
+    if not os.path.exists(meta):
+        return f"{meta} is missing"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(path).read_metadata().storage_data
+    except Exception as e:
+        return f"{meta} is damaged ({type(e).__name__})"
+    need = {}
+    for info in storage.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        shard = os.path.join(path, rel)
+        have = os.path.getsize(shard) if os.path.exists(shard) else None
+        if have is None:
+            return f"{shard} is missing"
+        if have < size:
+            return f"{shard} is cut short ({have:,} of {size:,} bytes)"
+    return None
+
+
+def saved_at(path):
+    """When a checkpoint was saved: the time recorded in its config.json (older checkpoints: the metadata's mtime)."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return float(json.load(f)["saved_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        meta = os.path.join(path, ".metadata")
+        return os.path.getmtime(meta) if os.path.exists(meta) else 0.0
+
+
+def by_save_order(out_dir):
+    """Checkpoint names, oldest save first (a run restarted with --overwrite saves ckpt_250 after ckpt_5000)."""
+    return sorted(names(out_dir), key=lambda n: (saved_at(os.path.join(out_dir, n)), int(n[5:])))
+
+
+def read_latest(out_dir):
+    try:
+        with open(os.path.join(out_dir, "latest")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def find(out_dir, log=print):
+    """The checkpoint a run resumes from: the one `latest` names if it is complete; else, with one line
+    saying why, the newest complete one by save order. None when out_dir holds no checkpoint at all.
+    Raises CheckpointError when there are checkpoints but none is complete: that is never a fresh start."""
+    latest, found = read_latest(out_dir), names(out_dir)
+    if latest is None and not found:
+        return None
+    if latest:
+        problem = verify(os.path.join(out_dir, latest))
+        if problem is None:
+            return os.path.join(out_dir, latest)
+        problem = f"{out_dir}/latest names {latest}, but {problem}"
+    else:
+        problem = f"{out_dir}/latest is missing"
+    good = [n for n in by_save_order(out_dir) if n != latest and verify(os.path.join(out_dir, n)) is None]
+    if not good:
+        raise CheckpointError(f"{problem}, and {out_dir} has no other complete checkpoint: move the damaged one away "
+                              f"and pass --resume=False to start over, or use a new --out_dir")
+    log(f"{problem}: resuming from {good[-1]}, the newest complete checkpoint, instead")
+    return os.path.join(out_dir, good[-1])
+
+
+def write_json_atomic(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
+def save(out_dir, iter_num, state, config, master, barrier):
+    """Write out_dir/ckpt_<iter_num>/ (every rank writes its shards; DCP's save is collective), verify it,
+    then rename it into place and point `latest` at it. It is written under a temporary name first, so a
+    kill at any moment leaves the previous checkpoint and `latest` as they were."""
+    import torch.distributed.checkpoint as dcp
+
+    name = f"ckpt_{iter_num}"
+    final, tmp, old = (os.path.join(out_dir, n) for n in (name, f".{name}.tmp", f".{name}.old"))
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    dcp.save(state, checkpoint_id=tmp)
+    if master:
+        write_json_atomic(os.path.join(tmp, "config.json"), {**config, "saved_at": time.time()})
+        problem = verify(tmp)
+        if problem:
+            raise CheckpointError(f"the checkpoint just written is not readable: {problem}; latest still names the previous one")
+        if os.path.exists(final):  # the same iteration saved again (latest does not name it): swap, never delete first
+            os.rename(final, old)
+        os.rename(tmp, final)
+        with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+            f.write(name)
+        os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def prune(out_dir, keep_last_n):
+    """Remove all but the keep_last_n newest checkpoints by save order; never the one `latest` names, nor any
+    saved after it."""
+    if keep_last_n <= 0:
+        return []
+    order = by_save_order(out_dir)
+    latest = read_latest(out_dir)
+    protected = set(order[-keep_last_n:]) | (set(order[order.index(latest):]) if latest in order else set(order))
+    gone = [n for n in order if n not in protected]
+    for n in gone:
+        shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
+    return gone
+
+
+def remove_leftovers(out_dir, log=print):
+    """Temporary folders of saves that were cut short (a kill mid-save): never complete, never named by latest."""
+    for n in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        if n.startswith(".ckpt_") and n.endswith((".tmp", ".old")):
+            shutil.rmtree(os.path.join(out_dir, n), ignore_errors=True)
+            log(f"removed {os.path.join(out_dir, n)}, left by a save that was cut short")
+
+
+def lock(out_dir):
+    """Take out_dir's writer lock and keep it for the life of the process: an advisory flock, which the OS
+    releases when the holder exits or is killed (kill -9 leaves no stale lock). Returns the open file, or
+    raises CheckpointError naming the pid that holds it. Where there is no flock (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(os.path.join(out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise CheckpointError(in_use(out_dir, pid))
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def holder(out_dir):
+    """The pid (as text) of the process holding out_dir's lock, or None: a check that takes nothing."""
+    try:
+        import fcntl
+
+        f = open(os.path.join(out_dir, ".lock"))
+    except (ImportError, OSError):
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while a writer holds LOCK_EX
+            return None
+        except OSError:
+            return f.read().strip() or "unknown"
+
+
+def in_use(out_dir, pid):
+    return f"{out_dir} is in use by another training run (pid {pid}): one writer per out_dir; wait for it, stop it, or use another --out_dir"
