@@ -83,7 +83,9 @@ def split_args(argv):
         if arg.startswith("--") and key == "check_only":
             check_only = True
         elif arg.startswith("--") and key in SETTINGS:
-            if not eq:
+            if not eq and isinstance(SETTINGS[key], bool):  # a bare flag: --strict
+                value = "True"
+            elif not eq:
                 i += 1
                 value = argv[i] if i < len(argv) else ""
             mine[key] = value

@@ -138,6 +138,14 @@ def shard_model(model, dev_type, dt):
     return model
 
 
+def param_groups(model, weight_decay):
+    """AdamW groups: weight decay on weight matrices and stacked experts only, never on biases (the experts'
+    are 2-D), norms or sinks."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith("bias")]
+    rest = [p for n, p in model.named_parameters() if p.dim() < 2 or n.endswith("bias")]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
 def get_lr(it):
     """Linear warmup, cosine decay to min_lr at lr_decay_iters, then flat."""
     if it < warmup_iters:
@@ -364,11 +372,7 @@ def main():
     torch.manual_seed(seed)
     model.init_weights()  # the same values on any number of ranks
     model.activation_checkpointing, model.loss_chunk = activation_checkpointing, loss_chunk
-    # weight decay on weight matrices and stacked experts only: never on biases (expert biases are 2-D), norms, sinks
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith("bias")]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.endswith("bias")]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(beta1, beta2), fused=dev_type == "cuda")
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(beta1, beta2), fused=dev_type == "cuda")
     scaler = torch.amp.GradScaler(dev_type, enabled=dt == "float16")
     iter_num, best_val_loss = 0, float("inf")
 

@@ -279,3 +279,68 @@ def test_activation_count_matches_what_autograd_keeps(kw):
     one, three = tiny(n_layer=1, **{**base, **kw}), tiny(n_layer=3, **{**base, **kw})
     per_layer = (saved_bytes(three, (4, 64)) - saved_bytes(one, (4, 64))) / 2
     assert per_layer == pytest.approx(4 * activation_elements(one, 4 * 64), rel=0.03)
+
+
+def test_biases_norms_and_sinks_start_at_zero_or_one_and_are_not_weight_decayed():
+    import train
+
+    torch.manual_seed(0)
+    m = GPT(tiny())
+    for name, p in m.named_parameters():
+        if name.endswith("bias") or name.endswith("sinks"):
+            assert torch.all(p == 0), name  # the experts' biases are 2-D [n_expert, width]: still biases
+        elif name.endswith("norm.weight"):
+            assert torch.all(p == 1), name
+    decayed, rest = train.param_groups(m, 0.1)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert {names[id(p)] for p in decayed["params"]} == {n for n, p in m.named_parameters()
+                                                         if p.dim() >= 2 and not n.endswith("bias")}
+    assert "layers.0.mlp.experts.gate_up_proj_bias" in {names[id(p)] for p in rest["params"]} and rest["weight_decay"] == 0
+
+
+@pytest.mark.parametrize("ctx", [64, 150, 4096])
+def test_yarn_matches_hf_even_from_a_short_initial_context(ctx):
+    """Below ~201 tokens of initial context the correction range starts below dimension 0: HF clamps it."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = tiny(head_dim=64, rope_theta=150000.0, rope_scaling_factor=32.0, initial_context_length=ctx)
+    hc = transformers.GptOssConfig(head_dim=64, hidden_size=64, num_attention_heads=1, max_position_embeddings=32 * ctx,
+                                   rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                                                    "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                    "original_max_position_embeddings": ctx})
+    inv_freq, scale = ROPE_INIT_FUNCTIONS["yarn"](hc, "cpu")
+    angles = torch.outer(torch.arange(300.0), inv_freq)
+    cos, sin = rope_tables(cfg, 300)
+    torch.testing.assert_close(cos, angles.cos() * scale, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sin, angles.sin() * scale, atol=1e-6, rtol=1e-6)
+
+
+def test_memory_estimate_keeps_fp32_gradients_under_fsdp_accumulation_without_sync():
+    """FSDP2 keeps the unsharded gradients of skipped syncs in the reduce dtype, fp32, even for bf16 params."""
+    from model import memory_estimate
+
+    cfg = tiny()
+    P = param_counts(cfg)["total"]
+    no_sync = memory_estimate(cfg, 1, 64, "bfloat16", 8, "cuda", grad_accum_steps=4)
+    synced = memory_estimate(cfg, 1, 64, "bfloat16", 8, "cuda", grad_accum_steps=4, sync_every_micro_step=True)
+    assert no_sync["grads"] == pytest.approx(4 * P / 8 + 4 * P)
+    assert synced["grads"] == pytest.approx(4 * P / 8)
+
+
+def test_expert_loop_matches_grouped_mm_with_one_host_sync_per_layer(monkeypatch):
+    """MPS and fp32 CUDA run the experts in a loop that needs the group sizes on the host: one sync, not two."""
+    import model
+
+    torch.manual_seed(0)
+    moe = MoE(tiny())
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    x = torch.randn(37, 32)
+    kernel = moe(x)[0]
+    monkeypatch.setattr(model, "use_grouped_mm", lambda x: False)
+    calls, tolist = [], torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: calls.append(1) or tolist(t))
+    loop = moe(x)[0]
+    torch.testing.assert_close(loop, kernel, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import fields
 
 import pytest
@@ -84,15 +85,71 @@ def test_crashing_child_is_restarted_a_bounded_number_of_times(tmp_path):
     assert "restarts: 0 after 0 memory stops, 2 after 3 crashes" in log
 
 
-def test_preflight_refuses_a_config_that_cannot_fit_and_names_one_that_does(tmp_path, data):
+def test_a_micro_batch_that_does_not_fit_starts_smaller_with_the_same_tokens_per_step(tmp_path, data):
     from model import GPTConfig, memory_estimate
 
     cfg = GPTConfig(**{f.name: SHAPE[f.name] for f in fields(GPTConfig) if f.name in SHAPE})
     budget = memory_estimate(cfg, 8, 256, loss_chunk=512, grad_accum_steps=8)["total"] / 0.9 * 1.05  # micro batch 8 fits with 5% to spare; 32 does not
-    r = supervise(*[f"--{k}={v}" for k, v in SHAPE.items()], f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}",
-                  "--batch_size=32", "--grad_accum_steps=2", f"--budget_gb={budget / 1e9:.3f}", "--check-only")
-    assert r.returncode != 0
-    assert r.stderr.count("\n") == 1 and "use --batch_size=8 --grad_accum_steps=8 (the same tokens per step)" in r.stderr
+    args = [*[f"--{k}={v}" for k, v in SHAPE.items()], f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}",
+            "--batch_size=32", "--grad_accum_steps=2", f"--budget_gb={budget / 1e9:.3f}", "--check-only"]
+    r = supervise(*args)
+    assert r.returncode == 0, r.stderr
+    assert "starting at micro batch 8 x 8 accumulation steps instead (the same tokens per step" in r.stdout
+    r = supervise(*args, "--strict")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1
+    assert "(--strict): use --batch_size=8 --grad_accum_steps=8" in r.stderr
+
+
+def test_a_model_that_cannot_fit_at_micro_batch_1_is_refused_before_it_is_built(tmp_path, data):
+    """~140B parameters: building it to probe it would take ~560 GB. The estimate refuses it first."""
+    huge = {**SHAPE, "n_layer": 32, "n_embd": 8192, "intermediate_size": 8192, "n_expert": 64, "head_dim": 128, "n_head": 64}
+    t = time.time()
+    r = supervise(*[f"--{k}={v}" for k, v in huge.items()], f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}",
+                  "--batch_size=1", "--budget_gb=8", "--check-only")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert "even micro batch 1 needs" in r.stderr and time.time() - t < 60
+
+
+def test_bad_input_and_a_non_finite_loss_are_not_retried(tmp_path, data):
+    base = [*TINY, f"--data_dir={data}", "--max_iters=20", "--eval_interval=0", "--interval=0.2"]
+    r = supervise(*base, f"--out_dir={tmp_path / 'nan'}", "--lr=1e30", "--warmup_iters=0", "--grad_clip=0", "--weight_decay=0")
+    assert r.returncode == 1
+    log = open(tmp_path / "nan" / "safe_training.log").read()
+    assert log.count("] starting ") == 1 and "train.py exited with code 3" in log
+    assert "not restarting: stopping: loss is not finite" in log
+    assert r.stderr.strip().splitlines()[-1].startswith("stopping: loss is not finite")  # train.py's line, once
+    r = supervise(*base, f"--out_dir={tmp_path / 'bad'}", "--preflight=False", f"--data_dir={tmp_path / 'nowhere'}")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+    assert open(tmp_path / "bad" / "safe_training.log").read().count("] starting ") == 1
+
+
+def test_disk_preflight_counts_keep_last_n_plus_the_checkpoint_being_written(tmp_path, data):
+    r = supervise(*TINY, f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}", "--keep_last_n=5",
+                  "--min_free_disk_gb=1000000", "--check-only")
+    assert r.returncode != 0 and "(6 checkpoints of" in r.stderr and "keep_last_n 5 and the one being written" in r.stderr
+
+
+def test_torchrun_is_refused_in_one_line():
+    r = subprocess.run([sys.executable, "safe_train.py", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, WORLD_SIZE="2", LOCAL_RANK="0"))
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "does not supervise torchrun" in r.stderr
+
+
+def test_a_spike_counts_once_and_swap_is_counted_from_each_childs_start_simulated_swap():
+    """The accounting alone, on made-up samples: this machine has no swap to grow."""
+    sys.path.insert(0, ROOT)
+    import safe_train
+
+    GB = 1e9
+    watch = {"peak": 0.0, "swap0": 5 * GB}
+    # an eval spike to 3 GB between two samples: its rise counts in the sample that sees it ...
+    assert safe_train.sample_used(watch, 1 * GB, {"peak_rss_gb": 3.0}, 5 * GB, "cpu") == 3 * GB
+    # ... and not after: the lifetime peak stays at 3 GB, the process is back at 1 GB
+    assert safe_train.sample_used(watch, 1 * GB, {"peak_rss_gb": 3.0}, 5 * GB, "cpu") == 1 * GB
+    assert safe_train.sample_used(watch, 1 * GB, {"peak_rss_gb": 3.0}, 5.5 * GB, "cpu") == 1.5 * GB  # swap growth counts
+    # after a memory stop the next child gets a new watch: swap the first one left behind is not its own
+    new = {"peak": 0.0, "swap0": 6 * GB}
+    assert safe_train.sample_used(new, 1 * GB, {"peak_rss_gb": 1.0}, 6 * GB, "cpu") == 1 * GB
 
 
 def test_check_only_passes_a_good_setup_and_names_a_bad_one_in_one_line(tmp_path, data):
