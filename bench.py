@@ -14,7 +14,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import torch
 
@@ -134,22 +134,22 @@ def peak_memory_gb(dev):
 
 def main():
     from configurator import configure
-    from model import flops_per_token, param_counts
+    from model import flops_per_token, param_counts, pick_device, pick_dtype
 
     argv = sys.argv[1:]
     if not any(a.endswith(".py") for a in argv):
         argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "mac_micro.py"), *argv]
     config = configure(globals(), argv)
-    dev = device if device != "auto" else "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dev = pick_device(device)
     dev_type = dev.split(":")[0]
     if dev_type == "cpu":
         torch.manual_seed(0)
         fp32_peak, bf16_peak = matmul_peak(dev, torch.float32), matmul_peak(dev, torch.bfloat16)
-    dt_name = dtype if dtype != "auto" else "float32" if dev_type == "cpu" else "bfloat16"
+    dt_name = pick_dtype(dtype, dev_type)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dt_name]
     ctx = nullcontext() if dt == torch.float32 else torch.autocast(dev_type, dtype=dt)
     use_compile = dev_type == "cuda" if compile is None else compile
-    cfg = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig) if f.name in config})
+    cfg = GPTConfig.from_dict(config)
     if dev_type == "cpu":
         peak, where = (bf16_peak if dt == torch.bfloat16 else fp32_peak), f"CPU, {torch.get_num_threads()} threads, matmul probe"
         print(f"matmul probe ({torch.get_num_threads()} threads): fp32 {fp32_peak / 1e9:.0f} GFLOP/s, bf16 {bf16_peak / 1e9:.0f} GFLOP/s"
@@ -178,8 +178,7 @@ def main():
         except ImportError:
             print("HF: transformers is not installed (pip install transformers): no side-by-side", flush=True)
     if dense:  # one expert, k x I wide, always chosen: the same active FLOPs with no routing
-        dense_cfg = GPTConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(GPTConfig)}, "n_expert": 1,
-                                 "experts_per_token": 1, "intermediate_size": cfg.experts_per_token * cfg.intermediate_size})
+        dense_cfg = replace(cfg, n_expert=1, experts_per_token=1, intermediate_size=cfg.experts_per_token * cfg.intermediate_size)
         runners["nanoOSS dense, equal FLOPs"] = our_step_fn(dense_cfg, dev, ctx, use_compile)
         row_peak["nanoOSS dense, equal FLOPs"] = peak
     for step in runners.values():  # warm-up: allocations, compile

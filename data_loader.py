@@ -123,19 +123,44 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and "DATA_GYM_CACHE_DIR" not in os.env
 BPE_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
 BPE_FILE = {"o200k_base": "o200k_base", "o200k_harmony": "o200k_base", "cl100k_base": "cl100k_base",
             "p50k_base": "p50k_base", "p50k_edit": "p50k_base", "r50k_base": "r50k_base"}
-OFFLINE_HELP = ("offline, pass --tokenizer_file=FILE (a .tiktoken file, its .gz, or the bpe-openai wheel from "
-                "`pip download --no-deps bpe-openai==0.1.4`, which carries o200k_base and cl100k_base) or put the "
-                "file in $TIKTOKEN_CACHE_DIR (README, 'Offline tokenizers')")
+OFFLINE_HELP = ("offline, `pip install bpe-openai==0.1.4` (requirements.txt; it carries o200k_base and cl100k_base), "
+                "pass --tokenizer_file=FILE (a .tiktoken file or its .gz) or put the file in $TIKTOKEN_CACHE_DIR "
+                "(README, 'Offline tokenizers')")
+
+
+def cached_bpe(base):
+    """Where tiktoken looks for an encoding's BPE file: its cache, under the sha1 of the file's URL."""
+    import hashlib
+
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or CACHE_DIR
+    return os.path.join(cache, hashlib.sha1(BPE_URL.format(BPE_FILE.get(base, base)).encode()).hexdigest())
+
+
+def packaged_bpe(base):
+    """The BPE file of o200k_base / o200k_harmony / cl100k_base inside the installed bpe-openai wheel
+    (requirements.txt), or None. Found without importing the package (it loads a 74 MB library)."""
+    import importlib.util
+
+    if BPE_FILE.get(base) not in ("o200k_base", "cl100k_base"):
+        return None
+    spec = importlib.util.find_spec("bpe_openai")
+    path = spec and spec.origin and os.path.join(os.path.dirname(spec.origin), "data", BPE_FILE[base] + ".tiktoken.gz")
+    return path if path and os.path.exists(path) else None
 
 
 def get_tokenizer(name):
-    """A tiktoken encoding by name. 'o200k_base:N' is o200k_base cut to its first N merges plus
+    """A tiktoken encoding by name. Its BPE file comes from the bpe-openai package when installed (tiktoken's own
+    download has no timeout and hangs on a blocked network), else from tiktoken's cache or download.
+    'o200k_base:N' is o200k_base cut to its first N merges plus
     <|endoftext|> as token N: a real byte-level BPE (o200k's first 256 ranks are the 256 bytes and every
     later token is a merge of earlier ones) with a vocabulary small enough for tiny models, whose ids are
     o200k's own."""
     import tiktoken
 
     base, _, cut = name.partition(":")
+    packaged = packaged_bpe(base)
+    if packaged and not os.path.exists(cached_bpe(base)):  # first use: from the installed package, no network
+        install_tokenizer_file(packaged, base)
     try:
         enc = tiktoken.get_encoding(base)
     except ValueError as e:
@@ -157,7 +182,6 @@ def install_tokenizer_file(path, name):
     every script loads `name` offline from then on. The file is first loaded from a scratch cache, where
     tiktoken checks its sha256, so that a wrong file never replaces a good one."""
     import gzip
-    import hashlib
     import shutil
     import tempfile
     import zipfile
@@ -184,8 +208,7 @@ def install_tokenizer_file(path, name):
         raise DataError(f"--tokenizer_file {path}: {e.strerror}")
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
-    cache = os.environ["TIKTOKEN_CACHE_DIR"] if "TIKTOKEN_CACHE_DIR" in os.environ else os.environ.get("DATA_GYM_CACHE_DIR", CACHE_DIR)
-    key = hashlib.sha1(BPE_URL.format(BPE_FILE[base]).encode()).hexdigest()
+    cache, key = os.path.split(cached_bpe(base))
     with tempfile.TemporaryDirectory() as scratch:
         with open(os.path.join(scratch, key), "wb") as f:
             f.write(data)

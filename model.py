@@ -6,7 +6,7 @@ exporter is a rename. Also here, from a config alone: parameter counts, FLOPs pe
 This file imports nothing of ours; of torch.distributed only DTensor, lazily, to initialise a sharded model.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,34 @@ class GPTConfig:
 
     def layer_is_sliding(self, i):
         return self.attn_pattern[i % len(self.attn_pattern)] == "S"
+
+    @classmethod
+    def from_dict(cls, d):
+        """The model settings among any settings (a script's config, a checkpoint's config.json); the rest is ignored."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def pick_device(want="auto"):
+    """'auto': CUDA, else Apple MPS, else CPU; anything else as asked."""
+    if want != "auto":
+        return want
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(want, dev_type):
+    """'auto': bf16 autocast on CUDA (fp16 where the GPU has no bf16) and on MPS from macOS 14 (before it only
+    fp32 is reliable), fp32 on CPU (bf16 pays only on CPUs with bf16 matmul units: bench.py tells)."""
+    if want != "auto":
+        return want
+    if dev_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if dev_type == "mps":
+        return "bfloat16" if torch.backends.mps.is_macos_or_newer(14, 0) else "float32"
+    return "float32"
 
 
 class RMSNorm(nn.Module):
@@ -468,7 +496,7 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
         saved = cfg.n_layer * tokens * cfg.n_embd * 4 + 2 * per_layer
     else:
         saved = cfg.n_layer * per_layer
-    activations = 1.3 * saved  # the backward's gradients and the allocator's slack on top (measured on CPU, bench_memory.py)
+    activations = 1.3 * saved  # the backward's gradients and the allocator's slack on top (measured on CPU, bench/memory.py)
     if loss_chunk:  # fused: one chunk of float logits (turned into probabilities in place), the head's gradient, x's
         logits = min(loss_chunk, tokens) * cfg.vocab_size * (4 + (2 if dtype != "float32" else 0)) + 4 * cfg.vocab_size * cfg.n_embd + 4 * tokens * cfg.n_embd
     else:  # whole: the float logits, the log-softmax kept for the backward, and its gradient
@@ -491,12 +519,11 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
 if __name__ == "__main__":  # python model.py config/8b_moe.py: counts and memory per device, on the meta device
     import runpy
     import sys
-    from dataclasses import fields
 
     settings = {}
     for path in sys.argv[1:]:
         settings.update(runpy.run_path(path))
-    cfg = GPTConfig(**{f.name: settings[f.name] for f in fields(GPTConfig) if f.name in settings})
+    cfg = GPTConfig.from_dict(settings)
     with torch.device("meta"):
         built = sum(p.numel() for p in GPT(cfg).parameters())
     n = param_counts(cfg)

@@ -100,20 +100,15 @@ def split_args(argv):
 def probe(config):
     """Run in a child process (`safe_train.py --probe JSON`): the checks that need torch. Prints a JSON report."""
     import torch
-    from dataclasses import fields
 
     from data_loader import DataError, DataLoader
-    from model import GPT, GPTConfig, memory_estimate, param_counts
+    from model import GPT, GPTConfig, memory_estimate, param_counts, pick_device, pick_dtype
 
     report = {}
-    want = config["device"]
-    dev = want if want != "auto" else "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    dev = pick_device(config["device"])
     dev_type = dev.split(":")[0]
     report["device"] = dev
-    dt = config["dtype"]
-    if dt == "auto":
-        dt = "bfloat16" if dev_type in ("cuda", "mps") else "float32"
-    report["dtype"] = dt
+    report["dtype"] = dt = pick_dtype(config["dtype"], dev_type)
     if dev_type == "mps":
         report["mps_recommended"] = torch.mps.recommended_max_memory()
     line = config["_line"]  # the host's stop line; on CUDA each device's own memory is what must hold the run
@@ -125,7 +120,7 @@ def probe(config):
             DataLoader(config["data_dir"], split, config["batch_size"], config["block_size"], vocab_size=config["vocab_size"])
     except DataError as e:
         return {"error": f"data: {e}"}
-    cfg = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig) if f.name in config})
+    cfg = GPTConfig.from_dict(config)
     n = param_counts(cfg)
     report["params"] = n["total"]
 
@@ -144,7 +139,7 @@ def probe(config):
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
     x = torch.randint(0, cfg.vocab_size, (1, min(64, cfg.block_size)), device=dev)
-    ctx = torch.autocast(dev_type, dtype=torch.bfloat16) if dt == "bfloat16" else torch.autocast(dev_type, enabled=False)
+    ctx = torch.autocast(dev_type, dtype=getattr(torch, dt), enabled=dt != "float32")
     with ctx:
         _, loss, stats = model(x, x)
     (loss + stats["aux"]).backward()

@@ -25,11 +25,10 @@ def load_model(ckpt_dir, dev="cpu"):
     """(model, config dict) from a DCP checkpoint directory, weights only."""
     import torch.distributed.checkpoint as dcp
     from model import GPT, GPTConfig
-    from dataclasses import fields
 
     with open(os.path.join(ckpt_dir, "config.json")) as f:
         config = json.load(f)
-    cfg = GPTConfig(**{k.name: config[k.name] for k in fields(GPTConfig) if k.name in config})
+    cfg = GPTConfig.from_dict(config)
     model = GPT(cfg)
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # DCP warns that it runs without a process group: that is the point here
@@ -53,9 +52,9 @@ def main():
     problem = checkpoint.verify(path)
     if problem:
         sys.exit(f"sample.py: {problem}: pass --ckpt=<an older ckpt_N folder>")
-    dev = device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    from model import pick_device
+
+    dev = pick_device(device)
     model, config = load_model(path, dev)
     try:
         enc = get_tokenizer(config["tokenizer"])

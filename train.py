@@ -9,18 +9,19 @@ resumes from out_dir/latest by itself. SIGTERM / Ctrl-C: finish the step, save, 
 SIGUSR1: free cached memory now. A heartbeat file in out_dir tells safe_train.py how the run is doing.
 """
 import gc
-import io
 import json
 import math
 import os
 import pickle
 import random
+import shlex
 import signal
+import subprocess
 import sys
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -28,13 +29,21 @@ import torch
 # -----------------------------------------------------------------------------
 # I/O
 data_dir = "data/stdlib_docs"  # meta.json + token shards (prepare_fineweb.py)
+# how to build the config's own data_dir when it is missing (prepare_fineweb.py's arguments): the embedded default
+# that makes `python train.py config/mac_micro.py` a first command. Never used for a --data_dir you typed.
+data_recipe = "--corpus=stdlib --encoding=o200k_base --val_tokens=100000"
 out_dir = "out"
 resume = True  # continue from out_dir/latest when there is one
 overwrite = False  # with resume=False: start over in an out_dir that holds checkpoints (they are pruned as new ones are saved)
 eval_interval = 250
 eval_iters = 20  # batches per split for an eval
 log_interval = 10
-log_router_stats = True  # per-layer expert load in log.jsonl
+log_router_stats = True  # per-layer expert load in log.jsonl (every expert's share, per layer)
+plot = True  # refresh out_dir/loss.png at each eval (plot.py, in a child process; needs matplotlib)
+wandb_log = False  # also log to Weights & Biases (pip install wandb; WANDB_MODE=offline works without a network)
+wandb_project = "nanooss"
+wandb_run_name = "run"
+tensorboard_log = False  # also write TensorBoard event files to out_dir/tensorboard (pip install tensorboard)
 save_every = 250
 keep_last_n = 3  # checkpoints kept on disk (the newest)
 sample_every = 500  # print a text sample every N iterations (0 = never)
@@ -88,29 +97,11 @@ seed = 1337
 # -----------------------------------------------------------------------------
 
 
-def pick_device(want):
-    if want != "auto":
-        return want
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def pick_dtype(want, dev_type):
-    if want != "auto":
-        return want
-    if dev_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if dev_type == "mps":  # bf16 autocast works on MPS from macOS 14; before that only fp32 is reliable
-        return "bfloat16" if torch.backends.mps.is_macos_or_newer(14, 0) else "float32"
-    return "float32"  # CPU: bf16 pays only on CPUs with bf16 matmul units (bench.py tells)
-
-
 def setup_distributed(want_device):
     """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs and gloo on CPU, and return
     (rank, world_size, device). One process: (0, 1, the device picked as usual)."""
+    from model import pick_device
+
     world, dev = int(os.environ.get("WORLD_SIZE", "1")), pick_device(want_device)
     if world == 1:
         return 0, 1, dev
@@ -241,6 +232,52 @@ def trim_log(path, iter_num):
     os.replace(path + ".tmp", path)
 
 
+def duration(seconds):
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
+def refresh_plot(previous):
+    """Redraw out_dir/loss.png in a child process, so that matplotlib never adds to this process's memory;
+    skipped while the last one still draws, and when matplotlib is not installed."""
+    import importlib.util
+
+    if (previous and previous.poll() is None) or importlib.util.find_spec("matplotlib") is None:
+        return previous
+    return subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "plot.py"), out_dir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def open_trackers(config):
+    """Optional loggers (W&B, TensorBoard) as functions of a log record; a missing package is one line, not a crash."""
+    trackers = []
+    if wandb_log:
+        try:
+            import wandb
+
+            run = wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+            trackers.append(lambda r: run.log({k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "iter"}, step=r["iter"]))
+        except Exception as e:  # ImportError, or wandb refusing to start (no login, no network): training goes on
+            print(f"wandb_log: off ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'pip install wandb'})", flush=True)
+    if tensorboard_log:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+            def tb(r):
+                for k, v in r.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("iter", "time"):
+                        writer.add_scalar(k, v, r["iter"])
+                writer.flush()
+            trackers.append(tb)
+        except ImportError:
+            print("tensorboard_log: off (pip install tensorboard)", flush=True)
+    return trackers
+
+
 def choose_checkpoint(config, model_keys):
     """Rank 0, before anything in out_dir is written: the checkpoint to resume from, or None for a fresh
     start. Raises CheckpointError (one line) for an out_dir this run must not touch."""
@@ -269,7 +306,7 @@ def main():
     import checkpoint
     from configurator import configure
     from data_loader import DataError, DataLoader, get_tokenizer
-    from model import GPT, GPTConfig, flops_per_token, param_counts
+    from model import GPT, GPTConfig, flops_per_token, param_counts, pick_dtype
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -333,6 +370,14 @@ def main():
     if dev_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if data_recipe and not os.path.exists(os.path.join(data_dir, "meta.json")) and not any(a.startswith("--data_dir") for a in sys.argv[1:]):
+        if master:  # the config's own data_dir, missing: build it as the config says (a typed --data_dir is never built)
+            print(f"{data_dir} is missing: building it with prepare_fineweb.py {data_recipe} (the config's data_recipe)", flush=True)
+            r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_fineweb.py"),
+                                *shlex.split(data_recipe), f"--out_dir={data_dir}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if r.returncode:
+                fail(f"data error: building {data_dir} failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+        barrier()
     try:
         train_data, val_data, train_eval = (DataLoader(data_dir, split, batch_size, block_size, rank, world, vocab_size)
                                             for split in ("train", "val", "train"))
@@ -363,7 +408,7 @@ def main():
                  f"every node shares (README, 'Resuming')") if unseen else sys.exit(BAD_INPUT)
 
     # ---- model and optimizer
-    cfg = GPTConfig(**{k: config[k] for k in model_keys})
+    cfg = GPTConfig.from_dict(config)
     with torch.device("meta"):  # no memory until the weights are placed (and, under torchrun, sharded)
         model = GPT(cfg)
     if dist:
@@ -482,7 +527,8 @@ def main():
         if master and (force or now - last_beat >= 1.0):
             used, total = memory_gb(dev, now=True)
             checkpoint.write_json_atomic(heartbeat_path, {"time": now, "pid": os.getpid(), "iter": iter_num, "phase": phase,
-                                                          "device_mem_gb": used, "device_total_gb": total, "peak_rss_gb": peak_rss_gb()})
+                                                          "device_mem_gb": used, "device_total_gb": total, "peak_rss_gb": peak_rss_gb(),
+                                                          "eta_s": eta_s()})
             last_beat = now
 
     # ---- the loop
@@ -493,14 +539,24 @@ def main():
     print(f"{f'{world} processes (FSDP) | ' if dist else ''}device {dev} | dtype {dt} | compile {use_compile} | params {n['total'] / 1e6:.2f}M total, "
           f"{n['active'] / 1e6:.2f}M active | {tokens_per_iter} tokens/iter")
     log_file = open(log_path, "a") if master else None
+    trackers = open_trackers(config) if master else []
 
     def log(record):
         if master:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+            for track in trackers:
+                track(record)
+
+    t_start, iter_start = time.time(), iter_num
+
+    def eta_s():
+        """Seconds to max_iters at this process's pace so far (evals and saves included)."""
+        done = iter_num - iter_start
+        return (time.time() - t_start) / done * (max_iters - iter_num) if done else None
 
     heartbeat("start", force=True)
-    t_last, tokens_since = time.time(), 0
+    t_last, tokens_since, plotter = time.time(), 0, None
     stop = dropped = False  # agreed by all ranks
     while iter_num < max_iters and not stop:
         step_start = train_data.state_dict(), rng_state(dev_type)  # a stop mid-step goes back here
@@ -569,13 +625,14 @@ def main():
             auxf, zf = (all_sum(torch.stack([aux_sum, z_sum])) / grad_accum_steps).tolist()
             all_sum(load)
             print(f"iter {iter_num} | loss {lossf:.3f} | aux {auxf:.2f} | z {zf:.2f} | lr {cur_lr:.1e} | gnorm {gnormf:.2f} | "
-                  f"{tok_s / 1e3:.1f}k tok/s | mfu {f'{mfu:.0%}' if mfu is not None else '-'} | mem {used:.1f}/{total_mem:.1f} GB",
-                  flush=True)
-            record = {"iter": iter_num, "loss": lossf, "aux": auxf, "z": zf, "lr": cur_lr, "gnorm": gnormf,
+                  f"{tok_s / 1e3:.1f}k tok/s | mfu {f'{mfu:.0%}' if mfu is not None else '-'} | mem {used:.1f}/{total_mem:.1f} GB | "
+                  f"eta {duration(eta_s())}", flush=True)
+            record = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": lossf, "aux": auxf, "z": zf, "lr": cur_lr, "gnorm": gnormf,
                       "tok_per_s": tok_s, "mfu": mfu, "mem_gb": used, "time": now, "batch_size": batch_size,
                       "grad_accum_steps": grad_accum_steps, "tokens_per_iter": tokens_per_iter}
             if log_router_stats:
                 share = load / load.sum(dim=1, keepdim=True)
+                record["load"] = share.tolist()  # [layer][expert]: each expert's share of the assignments
                 record["load_min"] = share.min(dim=1).values.tolist()
                 record["load_max"] = share.max(dim=1).values.tolist()
             log(record)
@@ -588,7 +645,9 @@ def main():
             best_val_loss = min(best_val_loss, losses["val"])
             print(f"eval {iter_num} | train {losses['train']:.3f} | val {losses['val']:.3f} | val ppl {math.exp(losses['val']):.1f}", flush=True)
             log({"iter": iter_num, "eval": True, "train_loss": losses["train"], "val_loss": losses["val"],
-                 "val_ppl": math.exp(losses["val"]), "time": time.time()})
+                 "val_ppl": math.exp(losses["val"]), "time": time.time(), "tokens": iter_num * tokens_per_iter})
+            if master and plot:
+                plotter = refresh_plot(plotter)
 
         if sampling and iter_num % sample_every == 0:
             try:
@@ -614,6 +673,8 @@ def main():
     heartbeat("done", force=True)
     if master:
         log_file.close()
+        if plotter:
+            plotter.wait()  # the last loss.png is whole before the run says it is done
     if dist:
         torch.distributed.destroy_process_group()
 

@@ -5,7 +5,8 @@
 #   7,873,597,696 total; 3,039,793,408 active per token, of which 823,656,448 are the embedding and
 #   output matrices (o200k, untied), so 2,216,136,960 in the layers.
 # 32 layers, width 2048, GQA with 64 query heads and 8 KV heads of 64, 8 experts of width 4096, top-2.
-data_dir = "data/fineweb_edu"  # python prepare_fineweb.py (o200k_base)
+data_dir = "data/fineweb_edu"  # python prepare_fineweb.py (o200k_base), before the run: 10B tokens take hours
+data_recipe = ""  # never built by train.py: 7 ranks would wait on rank 0 past NCCL's timeout
 out_dir = "out/8b_moe"
 vocab_size = 201088  # o200k_harmony's size, padded as in gpt-oss; o200k_base data fits under it
 n_layer = 32

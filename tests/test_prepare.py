@@ -131,7 +131,10 @@ def test_max_tokens_stops_exactly(tmp_path):
 def test_tokenizer_file_installs_the_bpe_offline(tmp_path):
     """--tokenizer_file with an empty tiktoken cache: the file is checked by its sha256 and installed."""
     cache = tmp_path / "cache"
-    src = os.path.join(os.environ["TIKTOKEN_CACHE_DIR"], "fb374d419588a4632f3f557e76b4b70aebbca790")
+    from data_loader import cached_bpe, get_tokenizer
+
+    get_tokenizer("o200k_base")  # the file is in the test cache from now on (from the bpe-openai package, offline)
+    src = cached_bpe("o200k_base")
     env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1")
     args = [sys.executable, "prepare_fineweb.py", "--corpus=stdlib", "--encoding=o200k_base", "--max_tokens=3000",
             "--val_tokens=1000", f"--out_dir={tmp_path / 'd'}"]

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import fields
 
 import pytest
 
@@ -36,7 +35,7 @@ def data(tmp_path_factory):
 def test_run_over_budget_is_stopped_and_finishes_with_half_the_micro_batch(tmp_path, data):
     from model import GPTConfig, memory_estimate
 
-    cfg = GPTConfig(**{f.name: SHAPE[f.name] for f in fields(GPTConfig) if f.name in SHAPE})
+    cfg = GPTConfig.from_dict(SHAPE)
     big, small = (memory_estimate(cfg, b, 256, loss_chunk=512)["total"] for b in (64, 32))  # ~2.8 and ~1.6 GB
     line = (big * small) ** 0.5  # the stop line between the two: ~30% from each (a run's peak creeps up ~15%)
     budget = line / 0.9
@@ -88,7 +87,7 @@ def test_crashing_child_is_restarted_a_bounded_number_of_times(tmp_path):
 def test_a_micro_batch_that_does_not_fit_starts_smaller_with_the_same_tokens_per_step(tmp_path, data):
     from model import GPTConfig, memory_estimate
 
-    cfg = GPTConfig(**{f.name: SHAPE[f.name] for f in fields(GPTConfig) if f.name in SHAPE})
+    cfg = GPTConfig.from_dict(SHAPE)
     budget = memory_estimate(cfg, 8, 256, loss_chunk=512, grad_accum_steps=8)["total"] / 0.9 * 1.05  # micro batch 8 fits with 5% to spare; 32 does not
     args = [*[f"--{k}={v}" for k, v in SHAPE.items()], f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}",
             "--batch_size=32", "--grad_accum_steps=2", f"--budget_gb={budget / 1e9:.3f}", "--check-only"]

@@ -171,7 +171,7 @@ def test_kill_9_at_random_moments_then_the_run_equals_an_uninterrupted_one(tmp_p
     disk. CI runs 5 kills, the quick suite 2; KILLS=50 for a long fuzz (KILL_SEED=N replays one)."""
     import random
 
-    kills = int(os.environ.get("KILLS", "5" if os.environ.get("CI") else "2"))
+    kills = int(os.environ.get("KILLS", "5" if os.environ.get("NANOOSS_FULL_TESTS") else "2"))
     seed = int(os.environ.get("KILL_SEED", str(int(time.time()))))
     rng = random.Random(seed)
     out = str(tmp_path / "fuzz")

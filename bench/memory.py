@@ -4,13 +4,16 @@ fresh train.py process, and its peak resident memory (the kernel's high-water ma
 the estimate. On CUDA, run with --device=cuda to compare with torch.cuda.max_memory_allocated instead
 (read from the heartbeat).
     python prepare_fineweb.py --corpus=stdlib --encoding=o200k_base:32768 --out_dir=data/mac_micro --val_tokens=100000
-    python bench_memory.py                   # about 7 minutes on 2 CPU cores
+    python bench/memory.py                   # about 7 minutes on 2 CPU cores
 """
 import json
 import os
 import subprocess
 import sys
 import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # model.py and configurator.py live one folder up
 
 data_dir = "data/mac_micro"
 device = "cpu"
@@ -37,13 +40,13 @@ CONFIGS = {
 
 def measure(settings, out):
     args = [f"--{k}={v}" for k, v in settings.items()]
-    cmd = [sys.executable, "train.py", *args, f"--data_dir={data_dir}", f"--out_dir={out}", f"--max_iters={iters}",
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, f"--data_dir={data_dir}", f"--out_dir={out}", f"--max_iters={iters}",
            f"--eval_interval={iters}", "--eval_iters=2", "--sample_every=0", "--compile=False", f"--device={device}",
            "--save_every=1000000", "--log_interval=1"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(p.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"bench_memory.py: train.py failed: {p.stderr.read()[-2000:]}")
+        sys.exit(f"bench/memory.py: train.py failed: {p.stderr.read()[-2000:]}")
     if device.startswith("cuda"):
         with open(os.path.join(out, "heartbeat.json")) as f:
             return json.load(f)["device_mem_gb"] * 1e9
@@ -51,8 +54,6 @@ def measure(settings, out):
 
 
 def main():
-    from dataclasses import fields
-
     from configurator import configure
     from model import GPTConfig, memory_estimate
 
@@ -60,7 +61,7 @@ def main():
     dt = "bfloat16" if device.startswith("cuda") else "float32"
     print(f"| config | estimate (GB) | measured peak (GB) | estimate / measured |\n| --- | --- | --- | --- |")
     for name, s in CONFIGS.items():
-        cfg = GPTConfig(**{f.name: s[f.name] for f in fields(GPTConfig) if f.name in s})
+        cfg = GPTConfig.from_dict(s)
         est = memory_estimate(cfg, s["batch_size"], s["block_size"], dt, 1, device.split(":")[0],
                               s.get("activation_checkpointing", False), s.get("loss_chunk", 512), s.get("grad_accum_steps", 1))["total"]
         with tempfile.TemporaryDirectory() as out:

@@ -2,8 +2,8 @@
 Preparation speed: prepare_fineweb.py against a reference written the way build-nanogpt's fineweb.py works
 (a process pool mapping encode_ordinary over single documents, chunksize 16, copying into fixed-size
 shards), on the same local parquet file, the same encoding and the same number of processes.
-    python bench_prepare.py                          # builds a >= 60 MB parquet of Python docstrings once, 3 rounds
-    python bench_prepare.py --parquet=my.parquet     # or bring your own (a FineWeb-Edu file, say)
+    python bench/prepare.py                          # builds a >= 60 MB parquet of Python docstrings once, 3 rounds
+    python bench/prepare.py --parquet=my.parquet     # or bring your own (a FineWeb-Edu file, say)
 Runs alternate (ours, reference, ours, ...) since a shared machine is noisy; medians are reported.
 Each run is a fresh process, timed from start to exit, writing its shards to a temporary folder.
 """
@@ -19,6 +19,9 @@ import tempfile
 import time
 
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configurator.py and data_loader.py live one folder up
 
 parquet = ""  # default: .cache/bench_prepare_docstrings.parquet, built on first use
 mb = 60  # size of the built corpus, MB of text
@@ -122,7 +125,7 @@ def main():
     from configurator import configure
 
     configure(globals())
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = ROOT
     if reference:
         return run_reference(reference, out_dir)
     path = parquet or os.path.join(here, ".cache", "bench_prepare_docstrings.parquet")
