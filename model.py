@@ -36,6 +36,7 @@ class GPTConfig:
     rope_ntk_alpha: float = 1.0
     rope_ntk_beta: float = 32.0
     initial_context_length: int = 4096  # the context YaRN stretches from
+    rope_truncate: bool = False  # YaRN: round the correction range to whole dimensions (HF's default; gpt-oss's is False)
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -96,6 +97,8 @@ def rope_tables(cfg, seq_len, device=None):
         ctx, base = cfg.initial_context_length, cfg.rope_theta
         low = half * math.log(ctx / (cfg.rope_ntk_beta * 2 * math.pi)) / math.log(base)
         high = half * math.log(ctx / (cfg.rope_ntk_alpha * 2 * math.pi)) / math.log(base)
+        if cfg.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
         # clamped to real dimensions as HF and gpt-oss do (a short initial context would put low below 0)
         low, high = max(low, 0.0), min(high, 2 * half - 1.0)
         high = high if high > low else low + 0.001
@@ -112,9 +115,11 @@ def apply_rope(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def attention(q, k, v, sinks, window):
+def attention(q, k, v, sinks, window, causal=True):
     """Causal softmax attention with an optional window and per-head sink logits, on SDPA's fused kernel.
-    q, k, v: [B, H, T, D]; sinks: [H] or None; window: int or None.
+    q, k, v: [B, H, T, D]; sinks: [H] or None; window: int or None. causal=False: every query sees every key
+    (one new token against a KV cache that holds only what it may see; SDPA's is_causal would align a single
+    query with the first key, not the last).
     A sink is an extra logit in the softmax that takes probability mass and adds no value. SDPA has no
     such input, so we make it a real key: every query gets a constant 1 in an extra channel, the sink key
     holds sink/scale there and zeros elsewhere, its value is zero. One dummy query row is prepended
@@ -131,10 +136,14 @@ def attention(q, k, v, sinks, window):
         v = F.pad(v, (0, pad))
         sink_k = torch.zeros(B, H, 1, D + pad, dtype=k.dtype, device=k.device)
         sink_k[..., D] = (sinks / scale).to(k.dtype).view(1, H, 1).expand(B, H, 1)
-        q = torch.cat([q.new_zeros(B, H, 1, D + pad), q], dim=2)
+        if causal:
+            q = torch.cat([q.new_zeros(B, H, 1, D + pad), q], dim=2)
         k = torch.cat([sink_k, k], dim=2)
         v = torch.cat([v.new_zeros(B, H, 1, D + pad), v], dim=2)
     n = q.shape[2]
+    if not causal:
+        y = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return y[..., :D]
     if window is None or window >= T:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     else:
@@ -172,16 +181,24 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=True)
         self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.sinks else None
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = True
+        if cache is not None:  # generation: keys and values of earlier positions, kept after RoPE
+            if cache.get("k") is not None:  # one new token against them
+                assert T == 1, "decode one token at a time after the prefill"
+                k, v, causal = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2), False
+            # a sliding layer keeps only the window - 1 keys the next token may still see: memory bounded by the window
+            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
+            cache["k"], cache["v"] = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
         group = self.n_head // self.n_kv_head  # each kv head serves this many query heads
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-        y = attention(q, k, v, self.sinks, self.window)
+        y = attention(q, k, v, self.sinks, self.window, causal)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -280,8 +297,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MoE(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         h, aux, z, load = self.mlp(self.post_attention_layernorm(x))
         return x + h, aux, z, load
 
@@ -334,20 +351,22 @@ class GPT(nn.Module):
         if self.rope_cos.device.type != "meta":  # recompute: to_empty() leaves buffers uninitialised
             self.rope_cos, self.rope_sin = rope_tables(self.cfg, self.cfg.block_size, self.rope_cos.device)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, cache=None, pos=0):
         """Returns (logits, loss, stats). loss is the LM cross-entropy alone; stats holds the router's
         raw aux and z losses (means over layers) and the per-layer expert counts [n_layer, n_expert],
-        so the caller chooses the coefficients and logs the raw values."""
+        so the caller chooses the coefficients and logs the raw values. Generation passes a cache (one dict
+        per layer, see generate) and the position of idx's first token."""
         B, T = idx.shape
-        assert T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        assert cache is not None or T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
+        assert pos + T <= len(self.rope_cos), f"position {pos + T} is past the RoPE tables ({len(self.rope_cos)})"
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.embed_tokens(idx)
         aux, z, load = [], [], []
-        for block in self.layers:
+        for i, block in enumerate(self.layers):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x, a, zz, l = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x, a, zz, l = block(x, cos, sin)
+                x, a, zz, l = block(x, cos, sin, None if cache is None else cache[i])
             aux.append(a)
             z.append(zz)
             load.append(l)
@@ -362,17 +381,43 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss, stats
 
+    def rope_reach(self):
+        """The longest context the RoPE settings cover: YaRN stretches the original context by its factor."""
+        if self.cfg.rope_scaling_factor > 1.0:
+            return int(self.cfg.initial_context_length * self.cfg.rope_scaling_factor)
+        return self.cfg.block_size
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Plain autoregressive sampling (no KV cache: sampling is rare and short here)."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+        """Sampling (temperature 0: greedy). With the KV cache: one forward over the prompt (the prefill), then
+        one token at a time against the cached keys and values; sliding layers keep only their window. Up to
+        the RoPE reach (past block_size for YaRN models); beyond it the context is cut to its last half and
+        prefilled again. Without the cache every step reruns the context (the reference the tests hold it to)."""
+        reach = self.rope_reach()
+        if len(self.rope_cos) < min(idx.shape[1] + max_new_tokens, reach):  # tables for positions past block_size
+            cos, sin = rope_tables(self.cfg, min(idx.shape[1] + max_new_tokens, reach), self.rope_cos.device)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
+        limit = reach if use_cache else self.cfg.block_size
+        cache, pos = None, 0
         for _ in range(max_new_tokens):
-            ctx = idx[:, -self.cfg.block_size:]
-            logits, _, _ = self(ctx)
-            logits = logits[:, -1, :].float() / max(temperature, 1e-6)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            nxt = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+            if not use_cache:
+                logits = self(idx[:, -limit:])[0]
+            elif cache is None or pos >= limit:  # the prefill (again, past the reach: positions restart at 0)
+                ctx = idx[:, -(limit if cache is None else limit // 2):]
+                cache = [{} for _ in self.layers]
+                logits, pos = self(ctx, cache=cache)[0], ctx.shape[1]
+            else:
+                logits = self(idx[:, -1:], cache=cache, pos=pos)[0]
+                pos += 1
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
 

@@ -1,76 +1,97 @@
 """
-Text from a checkpoint, in one process, whatever number of processes wrote it:
+Text from a checkpoint, in one process, whatever number of processes wrote it, or from an HF GptOss directory:
     python sample.py --out_dir=out --start="The meaning of life" --num_samples=3 --max_new_tokens=100
---start can also be FILE:prompt.txt. The tokenizer is the one named in the checkpoint's config.json.
+    python sample.py --init_from=path/to/gpt-oss-20b --start="Hello"       # HF weights (bf16 or MXFP4 experts)
+--start can also be FILE:prompt.txt. The samples run as one batch, with a KV cache (one forward over the prompt,
+then one token at a time); bf16 on CUDA and MPS, fp32 on CPU unless --dtype says otherwise. The tokenizer is
+the one named in the checkpoint's config.json (o200k_harmony for an HF directory), or --tokenizer.
 """
 import json
 import os
 import sys
-import warnings
+import time
 
 import torch
 
 out_dir = "out"
 ckpt = ""  # a ckpt_<iter> directory; empty = the one out_dir/latest names
+init_from = ""  # an HF GptOss directory (or a nanoOSS checkpoint) instead of out_dir
+tokenizer = ""  # empty: the checkpoint's (o200k_harmony for an HF directory)
 start = "\n"
-num_samples = 1
+num_samples = 1  # sampled together, as one batch
 max_new_tokens = 200
-temperature = 0.8
+temperature = 0.8  # 0 = greedy
 top_k = 200
 seed = 1337
 device = "auto"
+dtype = "auto"  # auto: bfloat16 on CUDA and MPS, float32 on CPU
+compile = False  # torch.compile the model (CUDA: faster decoding after a compile of a minute or so)
+use_cache = True  # False: rerun the whole context for every token (slow; the reference the tests compare with)
 
 
-def load_model(ckpt_dir, dev="cpu"):
-    """(model, config dict) from a DCP checkpoint directory, weights only."""
-    import torch.distributed.checkpoint as dcp
+def load_model(path, dev="cpu", dt=torch.float32):
+    """(model, settings) from a nanoOSS checkpoint or an HF GptOss directory: built on the meta device, so no
+    random weights are ever made, then filled from disk tensor by tensor and cast to dt."""
+    from export_hf import base_settings, load_weights
     from model import GPT, GPTConfig
 
-    with open(os.path.join(ckpt_dir, "config.json")) as f:
-        config = json.load(f)
-    cfg = GPTConfig.from_dict(config)
-    model = GPT(cfg)
-    state = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # DCP warns that it runs without a process group: that is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=ckpt_dir)
-    model.load_state_dict(state["model"])
-    return model.to(dev).eval(), config
+    settings, kind, path = base_settings(path)
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_dict(settings))
+    model.to_empty(device=dev)
+    model.init_weights()  # only the RoPE tables: every parameter is overwritten next
+    load_weights(model, kind, path)
+    return model.to(dt).eval(), {**settings, "kind": kind}
 
 
 def main():
+    import checkpoint
     from configurator import configure
     from data_loader import DataError, get_tokenizer
+    from export_hf import BridgeError
+    from model import pick_device, pick_dtype
 
     configure(globals())
-    import checkpoint
-
-    latest = checkpoint.read_latest(out_dir)
-    path = ckpt or (os.path.join(out_dir, latest) if latest else "")
+    path = init_from or ckpt
     if not path:
-        sys.exit(f"sample.py: no checkpoint in {out_dir}: train first, or pass --out_dir / --ckpt")
-    problem = checkpoint.verify(path)
-    if problem:
-        sys.exit(f"sample.py: {problem}: pass --ckpt=<an older ckpt_N folder>")
-    from model import pick_device
-
+        latest = checkpoint.read_latest(out_dir)
+        if not latest:
+            sys.exit(f"sample.py: no checkpoint in {out_dir}: train first, or pass --out_dir, --ckpt or --init_from")
+        path = os.path.join(out_dir, latest)
+    if not init_from:
+        problem = checkpoint.verify(path)
+        if problem:
+            sys.exit(f"sample.py: {problem}: pass --ckpt=<an older ckpt_N folder>")
     dev = pick_device(device)
-    model, config = load_model(path, dev)
+    dev_type = dev.split(":")[0]
+    dt = {"auto": torch.float32 if dev_type == "cpu" else torch.bfloat16}.get(dtype) or getattr(torch, pick_dtype(dtype, dev_type))
     try:
-        enc = get_tokenizer(config["tokenizer"])
+        model, settings = load_model(path, dev, dt)
+    except BridgeError as e:
+        sys.exit(f"sample.py: {e}")
+    try:
+        enc = get_tokenizer(tokenizer or settings.get("tokenizer") or "o200k_harmony")
     except DataError as e:
         sys.exit(f"sample.py: {e}")
+    if enc.n_vocab > model.cfg.vocab_size:
+        sys.exit(f"sample.py: tokenizer {enc.name} has {enc.n_vocab} ids, more than the model's vocab_size {model.cfg.vocab_size}: pass --tokenizer")
     prompt = start
     if prompt.startswith("FILE:"):
         with open(prompt[5:], encoding="utf-8") as f:
             prompt = f.read()
-    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [config["eot"]]
-    x = torch.tensor([ids], device=dev)
+    ids = enc.encode(prompt, allowed_special="all") or [enc.eot_token]
+    x = torch.tensor([ids] * num_samples, device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
-    for _ in range(num_samples):
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)
-        print(enc.decode(y[0].tolist()))
+    if compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
+    t = time.time()
+    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=g, use_cache=use_cache)
+    seconds = time.time() - t
+    for row in y.tolist():
+        print(enc.decode(row))
         print("---------------")
+    print(f"{num_samples} x {max_new_tokens} tokens in {seconds:.1f} s: {num_samples * max_new_tokens / seconds:.1f} tok/s "
+          f"({dev}, {str(dt).removeprefix('torch.')}, {'KV cache' if use_cache else 'no cache'})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ data_dir = "data/stdlib_docs"  # meta.json + token shards (prepare_fineweb.py)
 data_recipe = "--corpus=stdlib --encoding=o200k_base --val_tokens=100000"
 out_dir = "out"
 resume = True  # continue from out_dir/latest when there is one
+init_from = ""  # a fresh run starts from these weights alone: an HF GptOss directory (bf16, or MXFP4 experts) or a nanoOSS
+# checkpoint (or out_dir). Its model settings replace the config's (block_size stays yours); iteration 0, fresh optimizer.
+# A rerun resumes from out_dir as usual: init_from only seeds a run that has no checkpoint yet.
 overwrite = False  # with resume=False: start over in an out_dir that holds checkpoints (they are pruned as new ones are saved)
 eval_interval = 250
 eval_iters = 20  # batches per split for an eval
@@ -314,6 +317,17 @@ def main():
     config = configure(globals())
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is intended
     model_keys = [f.name for f in fields(GPTConfig) if f.name in config]
+    base = None
+    if init_from:  # the model is the one those weights belong to: its settings, not the config's
+        from export_hf import BridgeError, base_settings
+
+        try:
+            settings, kind, path = base = base_settings(init_from)
+        except BridgeError as e:
+            fail(f"config error: {e}")
+        changed = {k: settings[k] for f in fields(GPTConfig) if (k := f.name) in settings and k != "block_size" and settings[k] != config.get(k)}
+        config.update(changed)
+        globals().update(changed)
     rank, world, dev = setup_distributed(device)
     master = rank == 0  # logs, samples to the console, decides about out_dir, writes files other than checkpoint shards
     dist = world > 1
@@ -379,7 +393,7 @@ def main():
                 fail(f"data error: building {data_dir} failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
         barrier()
     try:
-        train_data, val_data, train_eval = (DataLoader(data_dir, split, batch_size, block_size, rank, world, vocab_size)
+        train_data, val_data, train_eval = (DataLoader(data_dir, split, batch_size, block_size, rank, world, config["vocab_size"])
                                             for split in ("train", "val", "train"))
     except DataError as e:
         fail(f"data error: {e}")
@@ -439,6 +453,15 @@ def main():
             fail(f"data error: {e}")
         set_rng_state(trainer["rng"], dev_type)
         print(f"resumed from {ckpt} at iter {iter_num}")
+    elif base:
+        from export_hf import load_weights
+
+        try:
+            load_weights(model, kind, path)
+        except BridgeError as e:
+            fail(f"config error: {e}")
+        print(f"initialised from {path} ({'HF GptOss' if kind == 'hf' else 'nanoOSS'} weights; iteration 0, fresh optimizer)"
+              + (f"; its model settings replace the config's: {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""))
     log_path = os.path.join(out_dir, "log.jsonl")
     if master:
         trim_log(log_path, iter_num)

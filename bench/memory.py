@@ -18,10 +18,19 @@ sys.path.insert(0, ROOT)  # model.py and configurator.py live one folder up
 data_dir = "data/mac_micro"
 device = "cpu"
 iters = 3
+only = ""  # measure only the configs whose name contains this
 
 MAC_MICRO = dict(n_layer=6, n_embd=384, n_head=6, n_kv_head=2, head_dim=64, n_expert=8, experts_per_token=2,
                  intermediate_size=768, vocab_size=32832, tie_embeddings=True, block_size=512, batch_size=4,
                  grad_accum_steps=8)
+def from_file(name):
+    """A config file's shape, as train.py would read it."""
+    import runpy
+
+    s = runpy.run_path(os.path.join(ROOT, "config", name))
+    return {k: s[k] for k in (*MAC_MICRO, "grad_accum_steps") if k in s}
+
+
 CONFIGS = {
     "mac_micro (batch 4 x 512, 8 accumulation steps)": MAC_MICRO,
     "mac_micro, no accumulation": {**MAC_MICRO, "grad_accum_steps": 1},
@@ -35,6 +44,8 @@ CONFIGS = {
     "8 layers x 256, 16 experts top-4, batch 8 x 256": dict(n_layer=8, n_embd=256, n_head=4, n_kv_head=1, head_dim=64, n_expert=16,
                                                            experts_per_token=4, intermediate_size=256, vocab_size=32832,
                                                            tie_embeddings=True, block_size=256, batch_size=8),
+    "config/mac_light.py (batch 4 x 512, 8 accumulation steps)": from_file("mac_light.py"),
+    "config/mac_standard.py (batch 4 x 512, 8 accumulation steps)": from_file("mac_standard.py"),
 }
 
 
@@ -60,7 +71,7 @@ def main():
     configure(globals())
     dt = "bfloat16" if device.startswith("cuda") else "float32"
     print(f"| config | estimate (GB) | measured peak (GB) | estimate / measured |\n| --- | --- | --- | --- |")
-    for name, s in CONFIGS.items():
+    for name, s in ((n, s) for n, s in CONFIGS.items() if only in n):
         cfg = GPTConfig.from_dict(s)
         est = memory_estimate(cfg, s["batch_size"], s["block_size"], dt, 1, device.split(":")[0],
                               s.get("activation_checkpointing", False), s.get("loss_chunk", 512), s.get("grad_accum_steps", 1))["total"]

@@ -52,9 +52,9 @@ def data_dir(tmp_path_factory, corpus):
     return path
 
 
-def run_script(script, *args, timeout=600, **kw):
+def run_script(script, *args, timeout=600, env=None, **kw):
     """Run one of the repo's scripts in a fresh Python process, as a user would."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, **kw)
 

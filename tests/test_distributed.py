@@ -199,3 +199,45 @@ def test_a_rank_that_cannot_see_the_chosen_checkpoint_stops_the_job_in_one_line_
     assert launcher.returncode != 0
     assert f"rank 1 cannot see {os.path.join(out, 'ckpt_20')}, the checkpoint rank 0 chose" in err
     assert "out_dir must be one filesystem" in err
+
+
+def test_checkpoint_from_two_processes_exports_to_transformers_with_the_same_logits_and_tokens(tmp_path, runs):
+    transformers = pytest.importorskip("transformers")
+    from data_loader import get_tokenizer
+    from export_hf import export
+
+    ckpt = os.path.join(runs["b"], "ckpt_10")  # written by 2 processes
+    out = export(ckpt, str(tmp_path / "hf"))
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager",
+                                                                    output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ours, _ = __import__("sample").load_model(ckpt)
+    ours.loss_chunk = 0
+    idx = torch.randint(0, 4097, (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx).logits, ours(idx, idx)[0], atol=1e-5, rtol=1e-5)
+    paragraph = ("Return a new list containing all items from the iterable in ascending order. A custom key function "
+                 "can be supplied to customize the sort order, naïve café 東京 🙂, and the reverse flag can be set to "
+                 "request the result in descending order.<|endoftext|>Next document:\n\n    indented    code = 1")
+    enc = get_tokenizer("o200k_base:4096")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.encode(paragraph) == enc.encode(paragraph, allowed_special="all")
+    assert hf_tok.eos_token_id == enc.eot_token == 4096
+
+
+def test_export_refuses_bad_input_in_one_line_and_writes_nothing_over(tmp_path, runs):
+    import shutil
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(os.path.join(runs["b"], "ckpt_10"), ckpt)
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model.safetensors").write_text("half an export")
+    r = subprocess.run([sys.executable, "export_hf.py", f"--ckpt={ckpt}", f"--out={taken}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "exists and is not empty" in r.stderr
+    assert (taken / "model.safetensors").read_text() == "half an export"
+    cfg = json.load(open(os.path.join(ckpt, "config.json")))
+    json.dump({**cfg, "tokenizer": "o200k_base"}, open(os.path.join(ckpt, "config.json"), "w"))
+    r = subprocess.run([sys.executable, "export_hf.py", f"--ckpt={ckpt}", f"--out={tmp_path / 'new'}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "beyond the model's vocab_size 4097" in r.stderr
+    assert not os.path.exists(tmp_path / "new")

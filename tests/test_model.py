@@ -344,3 +344,32 @@ def test_expert_loop_matches_grouped_mm_with_one_host_sync_per_layer(monkeypatch
     loop = moe(x)[0]
     torch.testing.assert_close(loop, kernel, atol=1e-5, rtol=1e-5)
     assert len(calls) == 1
+
+
+def test_kv_cache_generates_the_tokens_and_logits_of_the_uncached_path():
+    """A prompt longer than the sliding window, sinks on and non-zero: greedy decoding with the cache equals
+    rerunning the whole context each step, token for token, and each step's logits agree."""
+    torch.manual_seed(0)
+    m = GPT(tiny(block_size=128, sliding_window=8, n_layer=4)).eval()
+    with torch.no_grad():
+        for b in m.layers:
+            b.self_attn.sinks.normal_(0, 1.0)
+    prompt = torch.randint(0, 97, (2, 30))
+    cached = m.generate(prompt, 40, temperature=0)
+    plain = m.generate(prompt, 40, temperature=0, use_cache=False)
+    assert torch.equal(cached, plain)
+    cache = [{} for _ in m.layers]
+    with torch.no_grad():
+        step = m(prompt, cache=cache)[0][:, -1]
+        for t in range(30, 70):
+            ref = m(cached[:, :t])[0][:, -1]
+            torch.testing.assert_close(step, ref, atol=1e-5, rtol=1e-5)
+            step = m(cached[:, t:t + 1], cache=cache, pos=t)[0][:, -1]
+    assert all(c["k"].shape[2] == (7 if b.self_attn.window else 70) for c, b in zip(cache, m.layers))  # bounded by the window
+
+
+def test_yarn_model_generates_past_its_block_size_with_the_cache():
+    torch.manual_seed(0)
+    m = GPT(tiny(block_size=32, rope_scaling_factor=4.0, initial_context_length=32)).eval()
+    out = m.generate(torch.randint(0, 97, (1, 20)), 60, temperature=0)
+    assert out.shape == (1, 80)  # 80 positions: past block_size 32, within the YaRN reach of 128
