@@ -241,3 +241,28 @@ def test_export_refuses_bad_input_in_one_line_and_writes_nothing_over(tmp_path, 
     r = subprocess.run([sys.executable, "export_hf.py", f"--ckpt={ckpt}", f"--out={tmp_path / 'new'}"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "beyond the model's vocab_size 4097" in r.stderr
     assert not os.path.exists(tmp_path / "new")
+
+
+def test_two_processes_start_from_hf_weights_as_one_does_each_reading_its_shard(tmp_path, runs):
+    transformers = pytest.importorskip("transformers")
+    from test_hf import tiny_hf_config
+
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(tiny_hf_config(tie_word_embeddings=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    hf = str(tmp_path / "hf")
+    model.save_pretrained(hf)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    for n, out in ((1, one), (2, two)):
+        cmd = [sys.executable, "train.py"] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+        r = subprocess.run(cmd + ARGS + [f"--data_dir={runs['data']}", f"--out_dir={out}", "--max_iters=2", f"--init_from={hf}",
+                                         "--lr=1e-4"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert os.path.exists(os.path.join(out, "ckpt_2")), r.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert a[1] == pytest.approx(b[1], rel=RTOL) and a[2] == pytest.approx(b[2], rel=RTOL)
+    from test_hf import first_loss
+
+    assert a[1] == pytest.approx(first_loss(hf, runs["data"], 4, 4), rel=RTOL)  # the HF weights, not a fresh init

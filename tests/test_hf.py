@@ -71,9 +71,19 @@ def test_train_py_starts_from_hf_weights_then_resumes_its_own_run(tmp_path, hf_d
     assert f"initialised from {hf_dir} (HF GptOss weights; iteration 0, fresh optimizer)" in r.stdout
     assert "tie_embeddings=False" in r.stdout  # the HF model's settings replace TINY's
     first = json.loads(open(os.path.join(out, "log.jsonl")).readline())["loss"]
-    assert first < 15  # from the HF weights (a random init of this vocabulary starts near 8.3; a wrong load far off)
+    assert first == pytest.approx(first_loss(hf_dir, data_dir, 8, 1), rel=1e-5)  # the HF weights, not a fresh init
     r = run_script("train.py", *args, "--max_iters=4")
     assert r.returncode == 0 and f"resumed from {os.path.join(out, 'ckpt_2')} at iter 2" in r.stdout, r.stderr
+
+
+def first_loss(path, data_dir, batch_size, micro_steps):
+    """The loss of the first training step, computed here from the weights at path (train.py's first batches)."""
+    from data_loader import DataLoader
+
+    model, _ = load_model(path)
+    loader = DataLoader(data_dir, "train", batch_size, 64)
+    with torch.no_grad():
+        return sum(model(*loader.next_batch())[1].item() for _ in range(micro_steps)) / micro_steps
 
 
 def pack_mxfp4(values):
