@@ -37,6 +37,7 @@ loss_chunk = 512  # as train.py: the loss fused with its gradient, 512 tokens at
 out_dir = data_dir = grad_accum_steps = lr = min_lr = warmup_iters = lr_decay_iters = max_iters = None
 eval_interval = eval_iters = save_every = sample_every = log_interval = keep_last_n = None
 router_aux_loss_coef = activation_checkpointing = weight_decay = grad_clip = None
+data_recipe = sync_grads_every_micro_step = init_from = None
 
 
 def sync(dev):

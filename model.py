@@ -6,7 +6,7 @@ exporter is a rename. Also here, from a config alone: parameter counts, FLOPs pe
 This file imports nothing of ours; of torch.distributed only DTensor, lazily, to initialise a sharded model.
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,14 @@ class GPTConfig:
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # LoRA (fine-tuning): rank-r updates beside frozen weights; 0 = none. targets: any of q, k, v, o (attention
+    # projections), experts (per-expert updates of the stacked gate_up_proj and down_proj), router
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "q,k,v,o,experts"
+
+    def lora_on(self, target):
+        return self.lora_rank > 0 and target in self.lora_targets.split(",")
 
     def layer_is_sliding(self, i):
         return self.attn_pattern[i % len(self.attn_pattern)] == "S"
@@ -169,16 +177,40 @@ def window_mask(n, window, has_sink, device):
     return _masks[key]
 
 
+class LoRALinear(nn.Linear):
+    """nn.Linear with an optional rank-r update (loralib's idea): y = x W^T + b + (x A^T B^T) * alpha / r. B starts
+    at zero, so a fresh adapter changes nothing; training moves only A and B; merge() folds them into W."""
+
+    def __init__(self, d_in, d_out, rank=0, alpha=16.0):
+        super().__init__(d_in, d_out, bias=True)
+        self.scaling = alpha / rank if rank else 0.0
+        self.lora_A = nn.Parameter(torch.empty(rank, d_in)) if rank else None
+        self.lora_B = nn.Parameter(torch.zeros(d_out, rank)) if rank else None
+
+    def forward(self, x):
+        y = F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))  # .to: a frozen base may sit in bf16
+        if self.lora_A is not None:
+            y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
+        return y
+
+    @torch.no_grad()
+    def merge(self):
+        if self.lora_A is not None:
+            self.weight += (self.lora_B.float() @ self.lora_A.float() * self.scaling).to(self.weight.dtype)
+            self.lora_A = self.lora_B = None
+
+
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
         self.cfg = cfg
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.window = cfg.sliding_window if cfg.layer_is_sliding(layer_idx) else None
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=True)
-        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=True)
+        lora = lambda t: (cfg.lora_rank if cfg.lora_on(t) else 0, cfg.lora_alpha)
+        self.q_proj = LoRALinear(cfg.n_embd, cfg.n_head * cfg.head_dim, *lora("q"))
+        self.k_proj = LoRALinear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, *lora("k"))
+        self.v_proj = LoRALinear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, *lora("v"))
+        self.o_proj = LoRALinear(cfg.n_head * cfg.head_dim, cfg.n_embd, *lora("o"))
         self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.sinks else None
 
     def forward(self, x, cos, sin, cache=None):
@@ -239,6 +271,31 @@ class Experts(nn.Module):
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I))
         self.down_proj = nn.Parameter(torch.empty(E, I, d))
         self.down_proj_bias = nn.Parameter(torch.zeros(E, d))
+        # LoRA per expert: [E, in, r] and [E, r, out], the same grouped matmuls as the weights (r a multiple of 8)
+        r = cfg.lora_rank if cfg.lora_on("experts") else 0
+        self.scaling = cfg.lora_alpha / r if r else 0.0
+        self.gate_up_lora_A = nn.Parameter(torch.empty(E, d, r)) if r else None
+        self.gate_up_lora_B = nn.Parameter(torch.zeros(E, r, 2 * I)) if r else None
+        self.down_lora_A = nn.Parameter(torch.empty(E, I, r)) if r else None
+        self.down_lora_B = nn.Parameter(torch.zeros(E, r, d)) if r else None
+
+    def project(self, x, name, offs, ends, dt):
+        """x @ W[e] per expert group, plus the adapter's (x @ A[e]) @ B[e] * scaling when there is one."""
+        y = grouped_mm(x, getattr(self, name).to(dt), offs, ends)
+        A = getattr(self, name.removesuffix("_proj") + "_lora_A")
+        if A is not None:
+            B = getattr(self, name.removesuffix("_proj") + "_lora_B")
+            y = y + grouped_mm(grouped_mm(x, A.to(dt), offs, ends), B.to(dt), offs, ends) * self.scaling
+        return y
+
+    @torch.no_grad()
+    def merge(self):
+        if self.gate_up_lora_A is not None:
+            for name in ("gate_up", "down"):
+                W, A, B = getattr(self, name + "_proj"), getattr(self, name + "_lora_A"), getattr(self, name + "_lora_B")
+                W += (A.float() @ B.float() * self.scaling).to(W.dtype)
+                setattr(self, name + "_lora_A", None)
+                setattr(self, name + "_lora_B", None)
 
     def forward(self, x, expert_of_row, offs):
         """x: [R, d] rows sorted by expert; expert_of_row: [R]; offs: int32 [E] group ends."""
@@ -248,9 +305,9 @@ class Experts(nn.Module):
         x = x.to(dt)
         ends = None if use_grouped_mm(x) else offs.tolist()
         # per-row biases via F.embedding: its backward is deterministic, that of bias[expert_of_row] is not on CPU
-        h = grouped_mm(x, self.gate_up_proj.to(dt), offs, ends) + F.embedding(expert_of_row, self.gate_up_proj_bias.to(dt))
+        h = self.project(x, "gate_up_proj", offs, ends, dt) + F.embedding(expert_of_row, self.gate_up_proj_bias.to(dt))
         h = swiglu(h, self.alpha, self.limit)
-        return grouped_mm(h, self.down_proj.to(dt), offs, ends) + F.embedding(expert_of_row, self.down_proj_bias.to(dt))
+        return self.project(h, "down_proj", offs, ends, dt) + F.embedding(expert_of_row, self.down_proj_bias.to(dt))
 
 
 class MoE(nn.Module):
@@ -260,7 +317,7 @@ class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_expert, self.k = cfg.n_expert, cfg.experts_per_token
-        self.router = nn.Linear(cfg.n_embd, cfg.n_expert, bias=True)
+        self.router = LoRALinear(cfg.n_embd, cfg.n_expert, cfg.lora_rank if cfg.lora_on("router") else 0, cfg.lora_alpha)
         self.experts = Experts(cfg)
 
     def forward(self, x):
@@ -337,7 +394,11 @@ class GPT(nn.Module):
             if p.is_meta:
                 continue
             full = torch.empty(p.shape)
-            if p.dim() >= 2 and not name.endswith("bias"):  # expert biases are 2-D, yet biases: they start at 0
+            if "lora_B" in name:  # zero: a fresh adapter leaves the model as it was
+                full.zero_()
+            elif "lora_A" in name:  # [r, in] or per expert [E, in, r]: N(0, 1/fan_in)
+                full.normal_(0.0, 1.0 / math.sqrt(p.shape[-1] if p.dim() == 2 else p.shape[-2]))
+            elif p.dim() >= 2 and not name.endswith("bias"):  # expert biases are 2-D, yet biases: they start at 0
                 resid = name.endswith(("o_proj.weight", "down_proj"))
                 full.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer) if resid else std)
             else:
@@ -380,6 +441,14 @@ class GPT(nn.Module):
         logits = F.linear(x, head)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss, stats
+
+    def merge_lora(self):
+        """Fold every adapter into its weights: a plain model (lora_rank 0) that sample.py and export_hf.py read."""
+        for m in self.modules():
+            if isinstance(m, (LoRALinear, Experts)):
+                m.merge()
+        self.cfg = replace(self.cfg, lora_rank=0)
+        return self
 
     def rope_reach(self):
         """The longest context the RoPE settings cover: YaRN stretches the original context by its factor."""
@@ -482,9 +551,13 @@ def param_counts(cfg):
     router = d * E + E
     layer = attn + router + E * expert + 2 * d
     embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    total = cfg.n_layer * layer + d + embedding
-    active = total - cfg.n_layer * (E - cfg.experts_per_token) * expert
-    return {"total": total, "active": active, "embedding": embedding}
+    r = cfg.lora_rank
+    shapes = {"q": (d, cfg.n_head * hd), "k": (d, cfg.n_kv_head * hd), "v": (d, cfg.n_kv_head * hd), "o": (cfg.n_head * hd, d), "router": (d, E)}
+    lora_expert = r * (d + 2 * I) + r * (I + d) if cfg.lora_on("experts") else 0
+    lora = cfg.n_layer * (sum(r * (i + o) for t, (i, o) in shapes.items() if cfg.lora_on(t)) + E * lora_expert)
+    total = cfg.n_layer * layer + d + embedding + lora
+    active = total - cfg.n_layer * (E - cfg.experts_per_token) * (expert + lora_expert)
+    return {"total": total, "active": active, "embedding": embedding, "lora": lora}
 
 
 def flops_per_token(cfg, seq_len):

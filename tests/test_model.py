@@ -373,3 +373,48 @@ def test_yarn_model_generates_past_its_block_size_with_the_cache():
     m = GPT(tiny(block_size=32, rope_scaling_factor=4.0, initial_context_length=32)).eval()
     out = m.generate(torch.randint(0, 97, (1, 20)), 60, temperature=0)
     assert out.shape == (1, 80)  # 80 positions: past block_size 32, within the YaRN reach of 128
+
+
+def lora_pair(**kw):
+    """A base model and the same model with adapters on every target (rank 8), sharing the base weights."""
+    torch.manual_seed(0)
+    base = GPT(tiny(swiglu_limit=0.5))
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_(0, 0.2)
+    lora = GPT(tiny(swiglu_limit=0.5, lora_rank=8, lora_targets="q,k,v,o,experts,router", **kw))
+    missing, unexpected = lora.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all("lora_" in k for k in missing)
+    return base, lora
+
+
+def test_fresh_lora_adapters_leave_the_logits_of_the_base_exactly():
+    base, lora = lora_pair()
+    idx = torch.randint(0, 97, (2, 40))
+    base.loss_chunk = lora.loss_chunk = 0
+    assert torch.equal(lora(idx, idx)[0], base(idx, idx)[0])
+    n = param_counts(lora.cfg)
+    assert sum(p.numel() for p in lora.parameters()) == n["total"] and n["lora"] == sum(
+        p.numel() for name, p in lora.named_parameters() if "lora_" in name)
+
+
+def test_merged_adapters_give_the_adapter_model_logits_and_only_adapters_get_gradients():
+    base, lora = lora_pair()
+    lora.requires_grad_(False)
+    adapters = [p for name, p in lora.named_parameters() if "lora_" in name]
+    for p in adapters:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    idx = torch.randint(0, 97, (2, 40))
+    lora.loss_chunk = 0
+    logits, loss, _ = lora(idx, idx)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters)
+    assert all(p.grad is None for name, p in lora.named_parameters() if "lora_" not in name)
+    with torch.no_grad():
+        merged = lora.merge_lora()(idx, idx)[0]
+    torch.testing.assert_close(merged, logits.detach(), atol=1e-5, rtol=1e-5)
+    assert lora.cfg.lora_rank == 0 and not any("lora_" in k for k in lora.state_dict())  # a plain model's names
