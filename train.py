@@ -78,6 +78,10 @@ rope_theta = 150000.0
 rope_scaling_factor = 1.0
 initial_context_length = 4096
 tie_embeddings = False
+# fine-tuning with LoRA (needs init_from: the base it adapts, frozen): rank-r adapters; checkpoints hold only them
+lora_rank = 0
+lora_alpha = 16.0
+lora_targets = "q,k,v,o,experts"  # any of q, k, v, o, experts, router
 # router losses: the raw aux is 1.0 at perfect balance. HF GptOss pools layers and its balanced value is
 # experts_per_token, so HF's router_aux_loss_coef c gives the same push as c * experts_per_token here.
 router_aux_loss_coef = 0.01
@@ -133,10 +137,11 @@ def shard_model(model, dev_type, dt):
 
 
 def param_groups(model, weight_decay):
-    """AdamW groups: weight decay on weight matrices and stacked experts only, never on biases (the experts'
-    are 2-D), norms or sinks."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith("bias")]
-    rest = [p for n, p in model.named_parameters() if p.dim() < 2 or n.endswith("bias")]
+    """AdamW groups of the parameters that train: weight decay on weight matrices and stacked experts only, never
+    on biases (the experts' are 2-D), norms or sinks. Frozen parameters (a LoRA base) get no optimizer state."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and not n.endswith("bias")]
+    rest = [p for n, p in named if p.dim() < 2 or n.endswith("bias")]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -215,6 +220,12 @@ def set_rng_state(state, dev_type):
     random.setstate(state["python"])
     if dev_type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def saved_part(model_sd):
+    """What a checkpoint keeps of the model: all of it, or for a LoRA fine-tune its adapters alone (the base is
+    init_from's, named and fingerprinted in config.json)."""
+    return {k: v for k, v in model_sd.items() if "lora_" in k} if lora_rank else model_sd
 
 
 def trim_log(path, iter_num):
@@ -302,6 +313,10 @@ def choose_checkpoint(config, model_keys):
             raise checkpoint.CheckpointError(
                 f"config error: {ckpt} holds a different model ({', '.join(f'{k} {saved.get(k)} vs {config[k]}' for k in diff)}): "
                 f"use its settings or a new --out_dir")
+        if lora_rank and saved.get("base", {}).get("fingerprint") != config["base"]["fingerprint"]:
+            raise checkpoint.CheckpointError(
+                f"config error: the base {config['base']['path']} differs from the one the adapters in {ckpt} were trained on "
+                f"({saved.get('base', {}).get('path')}): use that base, or a new --out_dir to start over")
     return ckpt
 
 
@@ -311,7 +326,7 @@ def main():
     from data_loader import DataError, DataLoader, get_tokenizer
     from model import GPT, GPTConfig, flops_per_token, param_counts, pick_dtype
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     # ---- set-up: settings, processes, device and precision, data; nothing in out_dir is touched until all are good
     config = configure(globals())
@@ -325,9 +340,16 @@ def main():
             settings, kind, path = base = base_settings(init_from)
         except BridgeError as e:
             fail(f"config error: {e}")
-        changed = {k: settings[k] for f in fields(GPTConfig) if (k := f.name) in settings and k != "block_size" and settings[k] != config.get(k)}
+        changed = {k: settings[k] for f in fields(GPTConfig) if (k := f.name) in settings and settings[k] != config.get(k)
+                   and k != "block_size" and not k.startswith("lora_")}  # the context and the adapters stay yours
         config.update(changed)
         globals().update(changed)
+        if lora_rank:  # the adapters' checkpoints name their base, and refuse a base that changed under them
+            from export_hf import fingerprint
+
+            config["base"] = {"path": os.path.abspath(path), "kind": kind, "fingerprint": fingerprint(kind, path)}
+    elif lora_rank:
+        fail("config error: lora_rank needs --init_from: the base weights the adapters adapt")
     rank, world, dev = setup_distributed(device)
     master = rank == 0  # logs, samples to the console, decides about out_dir, writes files other than checkpoint shards
     dist = world > 1
@@ -431,6 +453,19 @@ def main():
     torch.manual_seed(seed)
     model.init_weights()  # the same values on any number of ranks
     model.activation_checkpointing, model.loss_chunk = activation_checkpointing, loss_chunk
+    if base and (not ckpt or lora_rank):  # a fine-tune's checkpoints hold its adapters: the base always comes from init_from
+        from export_hf import BridgeError, load_weights
+
+        try:
+            load_weights(model, kind, path)
+        except BridgeError as e:
+            fail(f"config error: {e}")
+        print(f"{'base' if lora_rank else 'initialised'} from {path} ({'HF GptOss' if kind == 'hf' else 'nanoOSS'} weights"
+              + (f"; frozen, {param_counts(cfg)['lora'] / 1e6:.2f}M adapter parameters train)" if lora_rank else "; iteration 0, fresh optimizer)")
+              + (f"; its model settings replace the config's: {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""))
+    if lora_rank:  # only the adapters learn: no gradients and no optimizer state for the base
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(beta1, beta2), fused=dev_type == "cuda")
     scaler = torch.amp.GradScaler(dev_type, enabled=dt == "float16")
     iter_num, best_val_loss = 0, float("inf")
@@ -438,13 +473,14 @@ def main():
     # ---- resume
     if ckpt:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd, "trainer": b""}
+        state = {"model": saved_part(model_sd), "optim": optim_sd, "trainer": b""}
         try:
             dcp.load(state, checkpoint_id=ckpt)
         except Exception as e:  # verified complete by its sizes, yet unreadable: say which, never a traceback
             fail(f"checkpoint error: cannot read {ckpt} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): move it "
                  f"away to resume from the one before")
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=not lora_rank))
         trainer = pickle.loads(state["trainer"])
         iter_num, best_val_loss = trainer["iter_num"], trainer["best_val_loss"]
         try:
@@ -453,15 +489,7 @@ def main():
             fail(f"data error: {e}")
         set_rng_state(trainer["rng"], dev_type)
         print(f"resumed from {ckpt} at iter {iter_num}")
-    elif base:
-        from export_hf import load_weights
 
-        try:
-            load_weights(model, kind, path)
-        except BridgeError as e:
-            fail(f"config error: {e}")
-        print(f"initialised from {path} ({'HF GptOss' if kind == 'hf' else 'nanoOSS'} weights; iteration 0, fresh optimizer)"
-              + (f"; its model settings replace the config's: {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""))
     log_path = os.path.join(out_dir, "log.jsonl")
     if master:
         trim_log(log_path, iter_num)
@@ -472,7 +500,7 @@ def main():
         trainer = {"iter_num": iter_num, "best_val_loss": best_val_loss, "data": train_data.state_dict(), "rng": rng_state(dev_type)}
         model_sd, optim_sd = get_state_dict(model, optimizer)
         try:
-            path = checkpoint.save(out_dir, iter_num, {"model": model_sd, "optim": optim_sd, "trainer": pickle.dumps(trainer)},
+            path = checkpoint.save(out_dir, iter_num, {"model": saved_part(model_sd), "optim": optim_sd, "trainer": pickle.dumps(trainer)},
                                    {**config, "tokenizer": meta.get("tokenizer"), "eot": meta.get("eot"), "world_size": world},
                                    master, barrier)
         except checkpoint.CheckpointError as e:
