@@ -67,7 +67,7 @@ def test_log_has_raw_router_stats_per_layer(trained):
 
 def test_checkpoints_are_pruned_and_latest_points_at_the_newest(trained):
     _, out, stdout = trained
-    assert sorted(os.listdir(out)) == [".lock", "ckpt_300", "ckpt_400", "heartbeat.json", "latest", "log.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "ckpt_300", "ckpt_400", "heartbeat.json", "latest", "log.jsonl", "loss.png"]
     assert open(os.path.join(out, "latest")).read() == "ckpt_400"
     cfg = json.load(open(os.path.join(out, "ckpt_400", "config.json")))
     assert cfg["n_layer"] == 2 and cfg["tokenizer"] == "o200k_base:4096"
@@ -168,10 +168,12 @@ def test_stop_between_micro_steps_drops_the_step_and_resumes_exactly(tmp_path, d
 
 def test_kill_9_at_random_moments_then_the_run_equals_an_uninterrupted_one(tmp_path, data_dir, reference):
     """SIGKILL (no handler, no save) at random moments, a save included; each restart resumes from what is on
-    disk. CI runs 5 kills, the quick suite 2; KILLS=50 for a long fuzz (KILL_SEED=N replays one)."""
+    disk. CI runs 5 kills; KILLS=50 for a long fuzz (KILL_SEED=N replays one)."""
     import random
 
-    kills = int(os.environ.get("KILLS", "5" if os.environ.get("NANOOSS_FULL_TESTS") else "2"))
+    kills = int(os.environ.get("KILLS", "5" if os.environ.get("NANOOSS_FULL_TESTS") else "0"))
+    if not kills:
+        pytest.skip("fuzzing: NANOOSS_FULL_TESTS=1 (as .ci/run sets) for 5 kills, KILLS=50 for a long fuzz")
     seed = int(os.environ.get("KILL_SEED", str(int(time.time()))))
     rng = random.Random(seed)
     out = str(tmp_path / "fuzz")
