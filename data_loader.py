@@ -1,6 +1,8 @@
 """
 Token shards on disk -> (x, y) batches. A data directory holds meta.json and either
-<name>_train_000001.npy ... / <name>_val_000000.npy shards or train.bin / val.bin memmaps.
+<name>_train_000001.npy ... / <name>_val_000000.npy shards or train.bin / val.bin memmaps. Chat and
+instruction data (meta.json's loss_mask) also has a <name>_trainmask_000001.npy per shard: 1 where a token is
+trained (the assistant's), 0 elsewhere; those targets become -1, which the loss skips.
 Batches are sequential and per rank: rank r of w reads its B*T slice of each global step, so every token
 is seen once per epoch and the position (shard, offset) is all a checkpoint needs to resume exactly,
 on any number of ranks. Also here: get_tokenizer, since meta.json names the tokenizer.
@@ -82,6 +84,12 @@ class DataLoader:
         self.B, self.T, self.rank, self.world = batch_size, block_size, rank, world_size
         self.files = split_files(data_dir, split)
         self.shards = [open_tokens(f, self.meta["dtype"]) for f in self.files]
+        self.masks = None
+        if self.meta.get("loss_mask"):
+            self.masks = [open_tokens(f.replace(f"_{split}_", f"_{split}mask_"), "uint8") for f in self.files]
+            for f, s, m in zip(self.files, self.shards, self.masks):
+                if len(m) != len(s):
+                    raise DataError(f"{f}: its loss mask has {len(m)} entries for {len(s)} tokens: prepare the data again")
         need = batch_size * block_size * world_size + 1
         for f, s in zip(self.files, self.shards):
             if len(s) < need:
@@ -102,8 +110,12 @@ class DataLoader:
         import torch  # here, not at the top: prepare_fineweb and safe_train import this file without needing torch
 
         buf = torch.from_numpy(self.shards[self.shard][start:start + self.B * self.T + 1].astype(np.int64))
+        x, y = buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        if self.masks is not None:  # prompt tokens are read, never trained on: target -1
+            trained = torch.from_numpy(self.masks[self.shard][start + 1:start + self.B * self.T + 1].astype(bool))
+            y = y.masked_fill(~trained.view(self.B, self.T), -1)
         self.pos += step
-        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+        return x, y
 
     def state_dict(self):
         return {"shard": self.shard, "pos": self.pos, "epoch": self.epoch, "files": [os.path.basename(f) for f in self.files]}
@@ -226,3 +238,46 @@ def install_tokenizer_file(path, name):
         shutil.copyfile(os.path.join(scratch, key), os.path.join(cache, key) + ".tmp")
         os.replace(os.path.join(cache, key) + ".tmp", os.path.join(cache, key))
     return get_tokenizer(name)
+
+
+def render_chat(record, enc):
+    """A chat or instruction record -> (ids, trained): the tokens a model reads and, for each, whether it learns
+    it (the assistant's / completion's tokens and the marker that ends them; never the prompt). Records are
+    {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"}. With o200k_harmony, the harmony format
+    (<|start|>role<|message|>...<|end|>, the answer on the final channel ending in <|return|>); otherwise a plain
+    template, each record after <|endoftext|> as every document is:
+        System: ...\\n\\nUser: ...\\n\\nAssistant: ...<|endoftext|>"""
+    if "messages" in record:
+        messages = record["messages"]
+    else:
+        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    harmony = enc.name.startswith("o200k_harmony")
+    special = lambda s: enc.encode(s, allowed_special="all")
+    ids, trained = ([], []) if harmony else ([enc.eot_token], [False])
+
+    def add(tokens, learn):
+        ids.extend(tokens)
+        trained.extend([learn] * len(tokens))
+
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        last = i == len(messages) - 1
+        if harmony and role == "assistant":
+            add(special("<|start|>assistant<|channel|>final<|message|>"), False)
+            add(enc.encode_ordinary(content) + special("<|return|>" if last else "<|end|>"), True)
+        elif harmony:
+            add(special(f"<|start|>{role}<|message|>") + enc.encode_ordinary(content) + special("<|end|>"), False)
+        elif role == "assistant":
+            add(enc.encode_ordinary("Assistant: "), False)
+            add(enc.encode_ordinary(content) + [enc.eot_token], True)
+        else:
+            add(enc.encode_ordinary(f"{role.capitalize()}: {content}\n\n"), False)
+    return ids, trained
+
+
+def chat_prompt(text, enc):
+    """(ids, stop ids) of a user turn followed by the assistant's header: what sample.py --chat generates from."""
+    ids, _ = render_chat({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]}, enc)
+    harmony = enc.name.startswith("o200k_harmony")
+    end = enc.encode("<|return|>", allowed_special="all") if harmony else [enc.eot_token]
+    return ids[:len(ids) - len(end)], set(end) | ({enc.encode("<|end|>", allowed_special="all")[0]} if harmony else set())

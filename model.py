@@ -437,7 +437,7 @@ class GPT(nn.Module):
         if targets is None:
             return F.linear(x[:, [-1], :], head), None, stats  # generation needs the last position only
         if self.loss_chunk:
-            return None, chunked_cross_entropy(x, head, targets, self.loss_chunk), stats
+            return None, chunked_cross_entropy(x, head, targets, self.loss_chunk, stats), stats
         logits = F.linear(x, head)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss, stats
@@ -531,15 +531,21 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_x * scale.to(grad_x.dtype), (grad_head * scale).to(ctx.head_dtype), None, None
 
 
-def chunked_cross_entropy(x, head, targets, chunk):
-    """Mean next-token loss `chunk` rows at a time: fused with its gradient when training, plain without."""
+def chunked_cross_entropy(x, head, targets, chunk, stats=None):
+    """Mean next-token loss `chunk` rows at a time: fused with its gradient when training, plain without (and
+    then, into stats, how many of the scored tokens the model's top guess got right: token accuracy)."""
     x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
     if torch.is_grad_enabled():
         return LinearCrossEntropy.apply(x, head, targets, chunk)
-    total = 0.0
+    total, correct = 0.0, 0
     for i in range(0, len(targets), chunk):
-        total = total + F.cross_entropy(F.linear(x[i:i + chunk], head).float(), targets[i:i + chunk], ignore_index=-1, reduction="sum")
-    return total / (targets != -1).sum().clamp(min=1)
+        logits, t = F.linear(x[i:i + chunk], head).float(), targets[i:i + chunk]
+        total = total + F.cross_entropy(logits, t, ignore_index=-1, reduction="sum")
+        correct = correct + (logits.argmax(-1) == t).sum()  # t = -1 never matches
+    scored = (targets != -1).sum()
+    if stats is not None:
+        stats["correct"], stats["scored"] = correct, scored
+    return total / scored.clamp(min=1)
 
 
 def param_counts(cfg):

@@ -4,7 +4,10 @@ Text -> token shards + meta.json, the format data_loader.py reads.
     python prepare_fineweb.py --name=sample-100BT --max_tokens=2000000000  # another subset, cut short
     python prepare_fineweb.py --input=my_texts/ --out_dir=data/mine    # local .txt / .jsonl / .parquet files or folders
     python prepare_fineweb.py --corpus=stdlib --encoding=o200k_base:32768 --out_dir=data/mac_micro   # no network at all
-Documents are joined with <|endoftext|> before each one. Shard 0 is validation (the first val_tokens
+Documents are joined with <|endoftext|> before each one. Chat and instruction data (.jsonl records with
+"messages": [{"role", "content"}, ...] or "prompt" and "completion") is rendered by data_loader.render_chat
+(harmony for o200k_harmony, a plain template otherwise) and gets a loss mask beside each shard
+(<name>_trainmask_*.npy): only the assistant's / completion's tokens are trained. Shard 0 is validation (the first val_tokens
 tokens), then train shards of shard_size tokens; uint16 when the vocabulary fits, else uint32.
 
 Resumable: each shard is written under a temporary name and renamed, then prepare_state.json records where
@@ -121,6 +124,7 @@ def count_docs(files):
 
 
 def text_docs(path):
+    """Documents of a .txt (the whole file) or .jsonl ({"text"}, or chat records, which stay dicts)."""
     with open(path, encoding="utf-8") as f:
         if not path.endswith(".jsonl"):
             yield f.read()
@@ -128,12 +132,43 @@ def text_docs(path):
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    text = json.loads(line)["text"]
+                    record = json.loads(line)
+                    text = record["text"] if "text" in record or not is_chat(record) else record
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    fail(f"{path}:{i} is not a JSON object with a 'text' field")
-                if not isinstance(text, str):
+                    fail(f"{path}:{i} is not a JSON object with a 'text' field, nor 'messages' or 'prompt' and 'completion'")
+                if isinstance(text, dict):
+                    check_chat(text, f"{path}:{i}")
+                elif not isinstance(text, str):
                     fail(f"{path}:{i}: 'text' is a {type(text).__name__}, not a string")
                 yield text
+
+
+def is_chat(record):
+    return isinstance(record, dict) and ("messages" in record or "prompt" in record)
+
+
+def check_chat(record, where):
+    if "messages" in record:
+        ok = isinstance(record["messages"], list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in record["messages"])
+        if not ok or not any(m["role"] == "assistant" for m in record["messages"]):
+            fail(f"{where}: 'messages' must be a list of {{'role', 'content'}} strings with at least one assistant turn")
+    elif not (isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str)):
+        fail(f"{where}: 'prompt' and 'completion' must both be strings")
+
+
+def chat_input(files):
+    """True when a .jsonl input holds chat or instruction records (its first record says)."""
+    for path in files:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                first = next((line for line in f if line.strip()), "")
+            try:
+                if is_chat(json.loads(first)):
+                    return True
+            except ValueError:
+                pass  # text_docs names the bad line
+    return False
 
 
 def open_hub():
@@ -165,6 +200,7 @@ def open_hub():
 # ----------------------------------------------------------------------------- tokenizing in worker processes
 
 _enc = None
+TRAINED = 1 << 31  # chat data: the loss-mask bit, carried on each token (ids are below 2^31) until the shard is written
 
 
 def _init_worker(name):
@@ -186,7 +222,13 @@ def _tokenize(task):
         docs = task[1]
     eot, arrays = [_enc.eot_token], []
     for doc in docs:
-        arrays.append(np.array(eot + _enc.encode_ordinary(doc) if doc else [], dtype=np.uint32))
+        if isinstance(doc, dict):  # chat: the template's tokens, the trained ones flagged
+            from data_loader import render_chat
+
+            ids, trained = render_chat(doc, _enc)
+            arrays.append(np.array(ids, dtype=np.uint32) | np.where(trained, TRAINED, 0).astype(np.uint32))
+        else:
+            arrays.append(np.array(eot + _enc.encode_ordinary(doc) if doc else [], dtype=np.uint32))
     lengths = np.array([len(a) for a in arrays], dtype=np.int64)
     return (np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)), lengths
 
@@ -271,6 +313,7 @@ def main():
     except OSError as e:
         fail(f"cannot write to --out_dir {out_dir} ({e.strerror}): pick a folder you can write to")
 
+    chat = bool(files) and chat_input(files)
     if files:
         sources = [p if p.endswith(".parquet") else text_docs(p) for p in files]
         dataset, prefix, n_docs = input, "text", count_docs(files)
@@ -309,6 +352,9 @@ def main():
     def write(arr, next_doc, skip_tokens):
         split = "val" if state["shards"] == 0 else "train"
         path = os.path.join(out_dir, f"{prefix}_{split}_{state['shards']:06d}.npy")
+        if chat:  # the mask first: a shard is complete only once its tokens are written
+            write_atomic(path.replace(f"_{split}_", f"_{split}mask_"), lambda f: np.save(f, (arr >> 31).astype(np.uint8)))
+            arr = arr & (TRAINED - 1)
         write_atomic(path, lambda f: np.save(f, arr.astype(dtype, copy=False)))
         state["tokens"][split] += len(arr)
         state["shards"] += 1
@@ -360,7 +406,7 @@ def main():
     if state["shards"] < 2:
         fail(f"only {total} tokens, all of them validation: lower --val_tokens (now {val_tokens})")
     meta = {"tokenizer": encoding, "vocab_size": enc.n_vocab, "dtype": np.dtype(dtype).name, "eot": enc.eot_token,
-            "dataset": dataset, "tokens": state["tokens"], "documents": state["documents"]}
+            "dataset": dataset, "tokens": state["tokens"], "documents": state["documents"], "loss_mask": chat}
     write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     print(f"wrote {state['shards']} shards to {out_dir}: {meta['tokens']['val']:,} val + {meta['tokens']['train']:,} "
           f"train tokens from {sum(meta['documents'].values()):,} documents")

@@ -40,6 +40,7 @@ init_from = ""  # a fresh run starts from these weights alone: an HF GptOss dire
 overwrite = False  # with resume=False: start over in an out_dir that holds checkpoints (they are pruned as new ones are saved)
 eval_interval = 250
 eval_iters = 20  # batches per split for an eval
+eval_only = False  # score the checkpoint to resume (or init_from's weights) on both splits, print, exit: trains and writes nothing
 log_interval = 10
 log_router_stats = True  # per-layer expert load in log.jsonl (every expert's share, per layer)
 plot = True  # refresh out_dir/loss.png at each eval (plot.py, in a child process; needs matplotlib)
@@ -427,9 +428,10 @@ def main():
     if master:
         try:
             ckpt = choose_checkpoint(config, model_keys)
-            os.makedirs(out_dir, exist_ok=True)
-            lock = checkpoint.lock(out_dir)  # held until this process ends
-            checkpoint.remove_leftovers(out_dir)
+            if not eval_only:  # eval_only reads, and writes nothing
+                os.makedirs(out_dir, exist_ok=True)
+                lock = checkpoint.lock(out_dir)  # held until this process ends
+                checkpoint.remove_leftovers(out_dir)
             verdict = {"ckpt": ckpt}
         except checkpoint.CheckpointError as e:
             verdict = {"error": str(e)}
@@ -491,7 +493,7 @@ def main():
         print(f"resumed from {ckpt} at iter {iter_num}")
 
     log_path = os.path.join(out_dir, "log.jsonl")
-    if master:
+    if master and not eval_only:
         trim_log(log_path, iter_num)
 
     def save():
@@ -527,15 +529,29 @@ def main():
         for split, loader in (("train", train_eval), ("val", val_data)):
             loader.reset()
             losses = torch.zeros(max(1, eval_iters // world), device=dev)
+            hits = torch.zeros(2, device=dev)  # tokens the top guess got right, tokens scored (masked ones are not)
             for i in range(len(losses)):
                 x, y = loader.next_batch()
                 with ctx:
-                    loss = model(x.to(dev), y.to(dev))[1]
+                    loss, stats = model(x.to(dev), y.to(dev))[1:]
                 losses[i] = loss
+                hits += torch.stack([stats["correct"], stats["scored"]]).float()
             out[split] = all_mean(losses.mean()).item()
+            correct, scored = all_sum(hits).tolist()
+            out[split + "_acc"] = correct / max(scored, 1)
         raw_model.loss_chunk = loss_chunk
         model.train()
         return out
+
+    def report_eval(losses):
+        print(f"eval {iter_num} | train {losses['train']:.3f} | val {losses['val']:.3f} | val ppl {math.exp(losses['val']):.1f} | "
+              f"val acc {losses['val_acc']:.1%}" + (" (assistant tokens only)" if meta.get("loss_mask") else ""), flush=True)
+
+    if eval_only:  # score what would be resumed (or init_from's weights) and leave
+        report_eval(estimate_loss())
+        if dist:
+            torch.distributed.destroy_process_group()
+        return
 
     tokenizer = None
     sampling = sample_every > 0
@@ -694,8 +710,8 @@ def main():
                 os.kill(os.getpid(), signal.SIGTERM)
             losses = estimate_loss()
             best_val_loss = min(best_val_loss, losses["val"])
-            print(f"eval {iter_num} | train {losses['train']:.3f} | val {losses['val']:.3f} | val ppl {math.exp(losses['val']):.1f}", flush=True)
-            log({"iter": iter_num, "eval": True, "train_loss": losses["train"], "val_loss": losses["val"],
+            report_eval(losses)
+            log({"iter": iter_num, "eval": True, "train_loss": losses["train"], "val_loss": losses["val"], "val_acc": losses["val_acc"],
                  "val_ppl": math.exp(losses["val"]), "time": time.time(), "tokens": iter_num * tokens_per_iter})
             if master and plot:
                 plotter = refresh_plot(plotter)

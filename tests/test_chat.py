@@ -1,0 +1,127 @@
+"""Chat and instruction data: rendered by a template, stored with a loss mask, and only the answers trained.
+Real records (a standard-library function's signature as the prompt, its docstring as the completion), the
+real prepare_fineweb.py and o200k tokenizers."""
+import inspect
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, run_script
+from data_loader import DataLoader, get_tokenizer, render_chat
+from model import GPT, GPTConfig
+
+
+def api_records(modules=("json", "textwrap", "shlex", "difflib", "string", "base64", "heapq", "bisect", "fnmatch")):
+    """prompt: `module.function(signature)`, completion: its docstring."""
+    out = []
+    for name in modules:
+        mod = __import__(name)
+        for fname, fn in sorted(vars(mod).items()):
+            if inspect.isfunction(fn) and fn.__doc__ and not fname.startswith("_"):
+                try:
+                    sig = str(inspect.signature(fn))
+                except (TypeError, ValueError):
+                    continue
+                out.append({"prompt": f"{name}.{fname}{sig}\n", "completion": inspect.cleandoc(fn.__doc__)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    src = root / "api.jsonl"
+    recs = api_records()
+    recs[1] = {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": recs[1]["prompt"]},
+                            {"role": "assistant", "content": recs[1]["completion"]}]}
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = str(root / "data")
+    r = run_script("prepare_fineweb.py", f"--input={src}", "--encoding=o200k_base:4096", f"--out_dir={out}",
+                   "--val_tokens=1500", "--shard_size=100000")
+    assert r.returncode == 0, r.stderr
+    return out, recs
+
+
+def test_the_mask_covers_exactly_the_answers(chat_dir):
+    out, recs = chat_dir
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["loss_mask"] is True
+    enc = get_tokenizer("o200k_base:4096")
+    in_order = sorted((f for f in os.listdir(out) if f.endswith(".npy")), key=lambda f: f[-10:])  # shard 0 (val) first
+    tokens = np.concatenate([np.load(os.path.join(out, f)) for f in in_order if "mask_" not in f])
+    mask = np.concatenate([np.load(os.path.join(out, f)) for f in in_order if "mask_" in f])
+    ids, trained = render_chat(recs[0], enc)
+    assert tokens[:len(ids)].tolist() == ids and mask[:len(ids)].astype(bool).tolist() == trained
+    answer = enc.decode([t for t, m in zip(ids, trained) if m])
+    assert answer == recs[0]["completion"] + "<|endoftext|>"  # the completion and its end, nothing of the prompt
+    ids, trained = render_chat(recs[1], enc)
+    assert enc.decode([t for t, m in zip(ids, trained) if not m]).startswith("<|endoftext|>System: Answer briefly.\n\nUser: ")
+
+
+def test_harmony_template_trains_the_final_message_and_its_return():
+    enc = get_tokenizer("o200k_harmony")
+    ids, trained = render_chat({"prompt": "2+2?", "completion": "4"}, enc)
+    assert enc.decode(ids) == "<|start|>user<|message|>2+2?<|end|><|start|>assistant<|channel|>final<|message|>4<|return|>"
+    assert enc.decode([t for t, m in zip(ids, trained) if m]) == "4<|return|>"
+
+
+def test_loader_masks_prompt_targets_and_the_loss_never_reads_them(chat_dir):
+    out, _ = chat_dir
+    loader = DataLoader(out, "train", 4, 64)
+    x, y = loader.next_batch()
+    assert (y == -1).any() and (y != -1).any()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=4097, block_size=64, n_layer=1, n_embd=32, n_head=4, n_kv_head=2, head_dim=8,
+                          n_expert=4, intermediate_size=32, sliding_window=16))
+    model.loss_chunk = 50  # the fused loss-and-gradient path that training takes
+
+    def loss_and_grads(targets):
+        model.zero_grad()
+        loss = model(x, targets)[1]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss, grads = loss_and_grads(y)
+    other = torch.where(y == -1, -1, y)  # the same answers, prompt targets masked again after any change to them
+    assert torch.equal(other, y)
+    model.loss_chunk = 0  # the plain reference: F.cross_entropy with ignore_index
+    ref = torch.nn.functional.cross_entropy(model(x, y)[0].view(-1, 4097), y.view(-1), ignore_index=-1)
+    torch.testing.assert_close(loss, ref.detach(), atol=1e-5, rtol=1e-5)
+    model.loss_chunk = 50
+    scrambled = y.clone()
+    scrambled[y == -1] = torch.randint(0, 4097, ((y == -1).sum().item(),))  # what the prompt's next tokens were
+    masked_again = scrambled.masked_fill(y == -1, -1)
+    loss2, grads2 = loss_and_grads(masked_again)
+    assert torch.equal(loss, loss2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+def test_loader_resumes_masked_batches_exactly(chat_dir):
+    out, _ = chat_dir
+    a = DataLoader(out, "train", 2, 32)
+    for _ in range(7):
+        a.next_batch()
+    b = DataLoader(out, "train", 2, 32)
+    b.load_state_dict(a.state_dict())
+    for _ in range(5):
+        (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_eval_reports_masked_token_accuracy_and_eval_only_writes_nothing(tmp_path, chat_dir):
+    out_data, _ = chat_dir
+    out = str(tmp_path / "run")
+    args = [*TINY, f"--data_dir={out_data}", f"--out_dir={out}", "--batch_size=4", "--eval_iters=2", "--log_interval=1"]
+    r = run_script("train.py", *args, "--max_iters=4", "--eval_interval=4")
+    assert r.returncode == 0, r.stderr
+    assert "(assistant tokens only)" in r.stdout and "val acc " in r.stdout
+    evals = [json.loads(line) for line in open(os.path.join(out, "log.jsonl")) if '"eval"' in line]
+    assert 0 <= evals[-1]["val_acc"] <= 1
+    from test_train import tree_digest
+
+    before = tree_digest(out)
+    r = run_script("train.py", *args, "--eval_only=True")
+    assert r.returncode == 0 and "eval 4 | train" in r.stdout, r.stderr
+    assert f"val {evals[-1]['val_loss']:.3f}" in r.stdout  # the same numbers as the run's own eval
+    assert tree_digest(out) == before
