@@ -166,6 +166,8 @@ def load_hf_weights(model, hf_dir):
         return handles[path].get_slice(name)[index]
 
     for name, p in model.named_parameters():
+        if "lora_" in name:  # adapters are not the base's: they start fresh (or come from a fine-tune's checkpoint)
+            continue
         key, index = hf_name(name), local_slice(p)
         if key in files:
             t = read(key, index)
@@ -229,7 +231,12 @@ def load_weights(model, kind, path):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if "lora_" not in k}}  # adapters: not the base's
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)
+    adapters = bool(saved.get("lora_rank") and saved.get("base"))
+    if adapters:  # a fine-tune's checkpoint holds its adapters only: the base it names comes first
+        load_weights(model, saved["base"]["kind"], saved["base"]["path"])
+    state = {"model": {k: v for k, v in get_model_state_dict(model).items() if ("lora_" in k) == adapters}}
     with warnings.catch_warnings():  # DCP warns that it runs without a process group: that is intended here
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=path)
@@ -280,6 +287,36 @@ def tokenizer_files(enc):
     return {"tokenizer.json": tok, "tokenizer_config.json": config}
 
 
+# ----------------------------------------------------------------------------- adapters
+
+def write_peft_adapter(state, cfg, base_path, out):
+    """A fine-tune's adapters in peft's format (adapter_model.safetensors + adapter_config.json), the one that
+    transformers (PeftModel.from_pretrained) and llama.cpp's convert_lora_to_gguf.py read. Attention adapters use
+    peft's names; the experts' per-expert adapters keep ours (lora_A [E, in, r], lora_B [E, r, out])."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, t in state.items():
+        if "lora_" not in name:
+            continue
+        if name.endswith(("_proj.lora_A", "_proj.lora_B", "router.lora_A", "router.lora_B")):  # nn.Linear adapters
+            key = f"base_model.model.{hf_name(name)}.weight"
+        else:
+            key = f"base_model.model.{hf_name(name)}"
+        tensors[key] = t.detach().to("cpu", torch.float32).contiguous()
+    os.makedirs(out + ".tmp", exist_ok=True)
+    save_file(tensors, os.path.join(out + ".tmp", "adapter_model.safetensors"), metadata={"format": "pt"})
+    targets = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "router": "router"}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path, "r": cfg.lora_rank,
+              "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "target_modules": [targets[t] for t in cfg.lora_targets.split(",") if t in targets],
+              "target_parameters": [f"mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")] if cfg.lora_on("experts") else []}
+    with open(os.path.join(out + ".tmp", "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(out + ".tmp", out)
+
+
 # ----------------------------------------------------------------------------- export
 
 def export(ckpt, out, dtype=""):
@@ -296,6 +333,7 @@ def export(ckpt, out, dtype=""):
     if os.path.exists(out) and os.listdir(out):
         raise BridgeError(f"{out} exists and is not empty: choose a new --out (nothing is written over)")
     cfg = GPTConfig.from_dict(settings)
+    cfg.lora_rank = 0  # a fine-tune is exported merged: its adapters folded into the base's weights
     try:
         enc = get_tokenizer(settings["tokenizer"]) if settings.get("tokenizer") else None
     except DataError as e:
@@ -305,9 +343,10 @@ def export(ckpt, out, dtype=""):
                           f"{cfg.vocab_size}: the checkpoint's config.json names the wrong tokenizer")
     config = hf_config(cfg, enc.eot_token if enc else None)
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = GPT(GPTConfig.from_dict(settings))
     model.to_empty(device="cpu")
     load_weights(model, "nanooss", path)
+    model.merge_lora()
     tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a killed export's leftovers: ours to remove
     os.makedirs(tmp)

@@ -6,7 +6,6 @@ Text from a checkpoint, in one process, whatever number of processes wrote it, o
 then one token at a time); bf16 on CUDA and MPS, fp32 on CPU unless --dtype says otherwise. The tokenizer is
 the one named in the checkpoint's config.json (o200k_harmony for an HF directory), or --tokenizer.
 """
-import json
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ device = "auto"
 dtype = "auto"  # auto: bfloat16 on CUDA and MPS, float32 on CPU
 compile = False  # torch.compile the model (CUDA: faster decoding after a compile of a minute or so)
 use_cache = True  # False: rerun the whole context for every token (slow; the reference the tests compare with)
+chat = False  # wrap --start as a user turn in the chat template the fine-tune was trained with, print the answer only
 
 
 def load_model(path, dev="cpu", dt=torch.float32):
@@ -40,8 +40,8 @@ def load_model(path, dev="cpu", dt=torch.float32):
         model = GPT(GPTConfig.from_dict(settings))
     model.to_empty(device=dev)
     model.init_weights()  # only the RoPE tables: every parameter is overwritten next
-    load_weights(model, kind, path)
-    return model.to(dt).eval(), {**settings, "kind": kind}
+    load_weights(model, kind, path)  # a fine-tune: its base, then its adapters
+    return model.merge_lora().to(dt).eval(), {**settings, "kind": kind}
 
 
 def main():
@@ -79,7 +79,13 @@ def main():
     if prompt.startswith("FILE:"):
         with open(prompt[5:], encoding="utf-8") as f:
             prompt = f.read()
-    ids = enc.encode(prompt, allowed_special="all") or [enc.eot_token]
+    stops = set()
+    if chat:
+        from data_loader import chat_prompt
+
+        ids, stops = chat_prompt(prompt, enc)
+    else:
+        ids = enc.encode(prompt, allowed_special="all") or [enc.eot_token]
     x = torch.tensor([ids] * num_samples, device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
     if compile:
@@ -88,6 +94,9 @@ def main():
     y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=g, use_cache=use_cache)
     seconds = time.time() - t
     for row in y.tolist():
+        if chat:  # the answer alone, up to the template's end of turn
+            row = row[len(ids):]
+            row = row[:next((i for i, t in enumerate(row) if t in stops), len(row))]
         print(enc.decode(row))
         print("---------------")
     print(f"{num_samples} x {max_new_tokens} tokens in {seconds:.1f} s: {num_samples * max_new_tokens / seconds:.1f} tok/s "

@@ -736,6 +736,17 @@ def main():
             save()
     if dropped and checkpoint.read_latest(out_dir) != f"ckpt_{iter_num}":  # (when it names it, that one is this state)
         save()
+    if lora_rank and iter_num == max_iters:  # the finished adapters, in the format people load (peft's)
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        from export_hf import write_peft_adapter
+
+        full = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # all ranks
+        if master:
+            write_peft_adapter(full, cfg, config["base"]["path"], os.path.join(out_dir, "adapter"))
+            size = os.path.getsize(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+            print(f"adapters: {os.path.join(out_dir, 'adapter')} ({size / 1e6:.1f} MB, peft's format); "
+                  f"a plain model: python export_hf.py --ckpt={out_dir} --out=DIR (merged)", flush=True)
 
     heartbeat("done", force=True)
     if master:

@@ -186,3 +186,24 @@ def test_hf_to_nanooss_to_hf_is_bit_identical(tmp_path, hf_dir):
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["rope_parameters"]["truncate"] is False and cfg["layer_types"] == ["sliding_attention", "full_attention"]
     assert cfg["max_position_embeddings"] == 256  # 64 x YaRN factor 4: what the RoPE settings reach
+
+
+def test_a_lora_finetune_of_an_hf_base_merges_exports_and_loads_in_transformers(tmp_path, hf_dir, data_dir):
+    from export_hf import export
+
+    out = str(tmp_path / "ft")
+    r = run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={hf_dir}", "--lora_rank=8",
+                   "--max_iters=3", "--eval_interval=0", "--lr=1e-2", "--warmup_iters=0")
+    assert r.returncode == 0, r.stderr
+    adapter = os.path.join(out, "adapter")
+    cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and "q_proj" in cfg["target_modules"]
+    tensors = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in tensors
+    assert all("lora_" in k for k in tensors)
+    merged, _ = load_model(out)  # base from the HF dir, then the adapters, folded in
+    hf_out = export(out, str(tmp_path / "hf_merged"))
+    idx = torch.randint(0, 4097, (1, 50))
+    theirs = hf_logits(hf_out, idx)
+    torch.testing.assert_close(our_logits(merged, idx), theirs, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(theirs, hf_logits(hf_dir, idx), atol=1e-3)  # the fine-tune moved it
