@@ -506,7 +506,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         n = (targets != -1).sum().clamp(min=1)
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
         grad_x = torch.empty_like(x)
-        grad_head = torch.zeros(head.shape, device=head.device, dtype=torch.float32)
+        # a frozen head (a LoRA fine-tune) needs no gradient: not the [vocab, width] fp32 buffer, nor its matmuls
+        grad_head = torch.zeros(head.shape, device=head.device, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for i in range(0, len(x), chunk):
             xs, ts = x[i:i + chunk], targets[i:i + chunk]
             logits = F.linear(xs, head).float()
@@ -519,7 +520,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             probs *= valid[:, None]
             g = probs.to(xs.dtype)
             grad_x[i:i + chunk] = g @ head.to(g.dtype)
-            grad_head += (g.t() @ xs).float()
+            if grad_head is not None:
+                grad_head += (g.t() @ xs).float()
         ctx.save_for_backward(grad_x, grad_head, n)
         ctx.head_dtype = head.dtype
         return loss / n
@@ -528,7 +530,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_head, n = ctx.saved_tensors
         scale = grad_loss / n
-        return grad_x * scale.to(grad_x.dtype), (grad_head * scale).to(ctx.head_dtype), None, None
+        return grad_x * scale.to(grad_x.dtype), None if grad_head is None else (grad_head * scale).to(ctx.head_dtype), None, None
 
 
 def chunked_cross_entropy(x, head, targets, chunk, stats=None):
@@ -614,6 +616,7 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
     tokens = batch_size * T
     n = param_counts(cfg)
     P, shard = n["total"], n["total"] / world_size
+    trained = n["lora"] / world_size if cfg.lora_rank else shard  # a LoRA run: grads and AdamW for the adapters alone
     act_bytes = 4.0 if dtype == "float32" else 3.1
     per_layer = activation_elements(cfg, tokens) * act_bytes
     if activation_checkpointing:  # keep each block's input; the block being recomputed holds its tensors and their grads
@@ -621,19 +624,20 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
     else:
         saved = cfg.n_layer * per_layer
     activations = 1.3 * saved  # the backward's gradients and the allocator's slack on top (measured on CPU, bench/memory.py)
-    if loss_chunk:  # fused: one chunk of float logits (turned into probabilities in place), the head's gradient, x's
-        logits = min(loss_chunk, tokens) * cfg.vocab_size * (4 + (2 if dtype != "float32" else 0)) + 4 * cfg.vocab_size * cfg.n_embd + 4 * tokens * cfg.n_embd
+    if loss_chunk:  # fused: one chunk of float logits (turned into probabilities in place), the head's gradient (not for
+        head_grad = 0 if cfg.lora_rank else 4 * cfg.vocab_size * cfg.n_embd  # a frozen head), x's
+        logits = min(loss_chunk, tokens) * cfg.vocab_size * (4 + (2 if dtype != "float32" else 0)) + head_grad + 4 * tokens * cfg.n_embd
     else:  # whole: the float logits, the log-softmax kept for the backward, and its gradient
         logits = tokens * cfg.vocab_size * (12 + (2 if dtype != "float32" else 0))
     layer_params = (P - n["embedding"]) / cfg.n_layer
     gathered = 0 if world_size == 1 else layer_params * (2 if device == "cuda" and dtype == "bfloat16" else 4) * 2 + layer_params * 4
-    grads = 4 * shard
+    grads = 4 * trained
     if grad_accum_steps > 1 and world_size > 1:
         if not sync_every_micro_step:  # FSDP skips the reduce-scatter until the last micro step: every rank holds
-            grads += P * 4  # whole gradients, in the fp32 reduce dtype
+            grads += trained * world_size * 4  # whole gradients, in the fp32 reduce dtype
     elif grad_accum_steps > 1:
-        grads += 8 * shard
-    parts = {"weights": 4 * shard, "grads": grads, "optimizer": 8 * shard, "gathered": gathered,
+        grads += 8 * trained
+    parts = {"weights": 4 * shard, "grads": grads, "optimizer": 8 * trained, "gathered": gathered,
              "activations": activations, "logits": logits,
              "process": {"cpu": 0.4e9, "cuda": 0.5e9, "mps": 0.4e9}.get(device, 0.4e9)}
     parts["total"] = sum(parts.values())

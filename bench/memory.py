@@ -19,6 +19,7 @@ data_dir = "data/mac_micro"
 device = "cpu"
 iters = 3
 only = ""  # measure only the configs whose name contains this
+lora_base = ""  # a mac_micro checkpoint (out_dir): adds the LoRA fine-tune row, with it as init_from
 
 MAC_MICRO = dict(n_layer=6, n_embd=384, n_head=6, n_kv_head=2, head_dim=64, n_expert=8, experts_per_token=2,
                  intermediate_size=768, vocab_size=32832, tie_embeddings=True, block_size=512, batch_size=4,
@@ -71,6 +72,8 @@ def main():
     configure(globals())
     dt = "bfloat16" if device.startswith("cuda") else "float32"
     print(f"| config | estimate (GB) | measured peak (GB) | estimate / measured |\n| --- | --- | --- | --- |")
+    if lora_base:
+        CONFIGS["mac_micro, LoRA rank 8 on q,k,v,o,experts (frozen base)"] = {**MAC_MICRO, "lora_rank": 8, "init_from": lora_base}
     for name, s in ((n, s) for n, s in CONFIGS.items() if only in n):
         cfg = GPTConfig.from_dict(s)
         est = memory_estimate(cfg, s["batch_size"], s["block_size"], dt, 1, device.split(":")[0],
