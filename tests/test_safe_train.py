@@ -179,3 +179,22 @@ def test_macos_commands_and_mps_cap_are_built_right_without_a_mac():
     high, low = float(env["PYTORCH_MPS_HIGH_WATERMARK_RATIO"]), float(env["PYTORCH_MPS_LOW_WATERMARK_RATIO"])
     assert high * 10.7e9 == pytest.approx(12e9 * 0.9, rel=1e-3) and high < 1.7  # below PyTorch's 1.7x default
     assert 0 < low < high  # PyTorch refuses a low watermark above the high one
+
+
+def test_on_cuda_the_estimate_meets_gpu_memory_not_host_ram_simulated_gpu(monkeypatch, data):
+    """No GPU here: torch is told there is one of 0.3 GB. With a host budget of 100 GB, the line is still the GPU's."""
+    sys.path.insert(0, ROOT)
+    import types
+
+    import torch
+
+    import model
+    import safe_train
+
+    config = {**safe_train.train_defaults(os.path.join(ROOT, "train.py")), **SHAPE, "data_dir": data, "batch_size": 64,
+              "grad_accum_steps": 1, "_line": 100e9, "_stop_pct": 90.0, "_strict": False, "_fit": True}
+    monkeypatch.setattr(model, "pick_device", lambda want: "cuda")
+    monkeypatch.setattr(model, "pick_dtype", lambda want, dev_type: "bfloat16")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(total_memory=0.3e9))
+    report = safe_train.probe(config)
+    assert "GPU memory" in report["error"] and "even micro batch 1" in report["error"]  # refused before any model is built
