@@ -29,7 +29,7 @@ import urllib.parse
 
 import numpy as np
 
-corpus = "fineweb-edu"  # fineweb-edu (the hub: needs `datasets` and a network) | stdlib (ships with Python)
+corpus = "fineweb-edu"  # fineweb-edu (the hub: needs `datasets` and a network) | stdlib (ships with Python) | stdlib_api (fine-tuning)
 name = "sample-10BT"  # the FineWeb-Edu subset: sample-10BT, sample-100BT, sample-350BT, CC-MAIN-2024-10, ...
 input = ""  # comma-separated .txt / .jsonl / .parquet files or folders; replaces --corpus
 encoding = "o200k_base"  # a tiktoken name (o200k_base, o200k_harmony, cl100k_base, gpt2, ...); o200k_base:N = its first N merges
@@ -52,24 +52,55 @@ def fail(msg):
 
 # ----------------------------------------------------------------------------- sources of documents
 
-def stdlib_docs():
-    """Docstrings of the Python standard library: English prose that every Python install carries, so a
-    first run needs no download (1.6 MB; enough to watch a small model learn, not to make it good)."""
+# the stdlib_api fine-tuning set's validation modules: kept out of the stdlib pretraining corpus, so that a model
+# pretrained on it has never read their docstrings and a fine-tune's score on them is honest
+API_HOLDOUT = ("json", "textwrap", "difflib", "base64", "heapq", "bisect", "fnmatch", "glob", "shutil", "tempfile", "statistics")
+
+
+def stdlib_modules():
+    """(module name, syntax tree) of every standard-library source file, in a fixed order."""
     stdlib = sysconfig.get_paths()["stdlib"]
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
     for root, dirs, files in os.walk(stdlib):
         dirs[:] = sorted(d for d in dirs if d not in skip)
         for fname in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(root, fname)
             try:
-                with open(os.path.join(root, fname), encoding="utf-8") as f:
+                with open(path, encoding="utf-8") as f:
                     tree = ast.parse(f.read())
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc) > 80:
-                        yield doc
+            yield os.path.relpath(path, stdlib)[:-3].replace(os.sep, ".").removesuffix(".__init__"), tree
+
+
+def stdlib_docs():
+    """Docstrings of the Python standard library: English prose that every Python install carries, so a
+    first run needs no download (1.6 MB; enough to watch a small model learn, not to make it good)."""
+    for module, tree in stdlib_modules():
+        if module.split(".")[0] in API_HOLDOUT:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 80:
+                    yield doc
+
+
+def stdlib_api():
+    """An instruction set every Python install carries: prompt = a public function's or method's signature,
+    `module.name(args)`, completion = its docstring. The API_HOLDOUT modules come first: they are the
+    validation split (main() sizes val_tokens to them)."""
+    records = {True: [], False: []}
+    for module, tree in stdlib_modules():
+        held = module.split(".")[0] in API_HOLDOUT
+        for node in tree.body:
+            defs = [(node.name, node)] if isinstance(node, ast.FunctionDef) else [
+                (f"{node.name}.{m.name}", m) for m in node.body if isinstance(m, ast.FunctionDef)] if isinstance(node, ast.ClassDef) else []
+            for name, fn in defs:
+                doc = ast.get_docstring(fn)
+                if doc and len(doc) > 80 and not any(part.startswith("_") for part in name.split(".")):
+                    records[held].append({"prompt": f"{module}.{name}({ast.unparse(fn.args)})\n", "completion": doc})
+    return records[True] + records[False], len(records[True])
 
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -317,6 +348,12 @@ def main():
     if files:
         sources = [p if p.endswith(".parquet") else text_docs(p) for p in files]
         dataset, prefix, n_docs = input, "text", count_docs(files)
+    elif corpus == "stdlib_api":  # signatures -> docstrings; validation: the held-out modules' records, exactly
+        from data_loader import render_chat
+
+        records, n_val = stdlib_api()
+        chat, val_tokens = True, sum(len(render_chat(r, enc)[0]) for r in records[:n_val])
+        sources, dataset, prefix, n_docs = [iter(records)], "python-stdlib-api", "stdlib_api", len(records)
     elif corpus == "stdlib":
         sources, dataset, prefix, n_docs = [stdlib_docs()], "python-stdlib-docstrings", "stdlib", None
     elif corpus == "fineweb-edu":

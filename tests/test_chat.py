@@ -125,3 +125,19 @@ def test_eval_reports_masked_token_accuracy_and_eval_only_writes_nothing(tmp_pat
     assert r.returncode == 0 and "eval 4 | train" in r.stdout, r.stderr
     assert f"val {evals[-1]['val_loss']:.3f}" in r.stdout  # the same numbers as the run's own eval
     assert tree_digest(out) == before
+
+
+def test_stdlib_api_set_holds_out_whole_modules_that_pretraining_never_reads(tmp_path):
+    from prepare_fineweb import API_HOLDOUT, stdlib_api, stdlib_docs
+
+    records, n_val = stdlib_api()
+    held = {r["prompt"].split(".")[0] for r in records[:n_val]}
+    assert held <= set(API_HOLDOUT) and n_val >= 50
+    assert not any(r["prompt"].split(".")[0] in API_HOLDOUT for r in records[n_val:])
+    docs = set(stdlib_docs())
+    assert not any(r["completion"] in docs for r in records[:n_val])  # the base never saw the answers it is scored on
+    out = str(tmp_path / "api")
+    r = run_script("prepare_fineweb.py", "--corpus=stdlib_api", "--encoding=o200k_base:4096", f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["loss_mask"] and meta["documents"]["val"] == n_val  # the validation shard is exactly the held-out records
