@@ -75,7 +75,7 @@ def stdlib_modules():
 
 def stdlib_docs():
     """Docstrings of the Python standard library: English prose that every Python install carries, so a
-    first run needs no download (1.6 MB; enough to watch a small model learn, not to make it good)."""
+    first run needs no download (1.5 MB; enough to watch a small model learn, not to make it good)."""
     for module, tree in stdlib_modules():
         if module.split(".")[0] in API_HOLDOUT:
             continue

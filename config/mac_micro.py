@@ -9,7 +9,7 @@
 out_dir = "out/mac_micro"
 data_dir = "data/mac_micro"
 # built by train.py on first use when missing (one line says so): the docstrings of Python's standard library,
-# a 1.6 MB English corpus every Python install carries, in o200k_base's first 32,768 merges, 100k val tokens
+# a 1.5 MB English corpus every Python install carries, in o200k_base's first 32,768 merges, 100k val tokens
 data_recipe = "--corpus=stdlib --encoding=o200k_base:32768 --val_tokens=100000"
 vocab_size = 32832  # 32768 merges + <|endoftext|>, padded to a multiple of 64
 tie_embeddings = True
