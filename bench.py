@@ -115,6 +115,27 @@ def hf_step_fn(cfg, dev, ctx, dt):
     return step
 
 
+def layer_step_fns(cfg, dev, ctx, T):
+    """One attention sublayer and one whole block, sliding and full, forward + backward at sequence length T."""
+    from model import Attention, Block, rope_tables
+
+    cos, sin = (t.to(dev) for t in rope_tables(cfg, T))
+    fns = {}
+    for part, make in (("attention", Attention), ("block", Block)):
+        for kind, idx in (("sliding", 0), ("full", 1)):
+            assert cfg.layer_is_sliding(idx) == (kind == "sliding"), "bench expects attn_pattern SF"
+            torch.manual_seed(0)
+            layer = make(cfg, idx).to(dev)
+
+            def step(x, layer=layer, part=part):
+                with ctx:
+                    y = layer(x, cos, sin)
+                    y = y if part == "attention" else y[0]
+                y.float().square().mean().backward()
+            fns[f"{part}, {kind}"] = step
+    return fns
+
+
 def timed(step, x, dev, n):
     sync(dev)
     t = time.perf_counter()

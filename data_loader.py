@@ -45,6 +45,24 @@ def check_vocab(meta, data_dir, vocab_size):
                         f"model's vocab_size {vocab_size}: set --vocab_size={meta['vocab_size']} (or more)")
 
 
+def needs_building(data_dir, recipe, argv):
+    """True for a config's own data_dir that is missing and has a data_recipe; a typed --data_dir is never built."""
+    return bool(recipe) and not os.path.exists(os.path.join(data_dir, "meta.json")) and not any(
+        a.startswith("--data_dir") for a in argv)
+
+
+def build_data(data_dir, recipe):
+    """Make data_dir with prepare_fineweb.py as the config's data_recipe says; DataError with its last line."""
+    import shlex
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_fineweb.py"),
+                        *shlex.split(recipe), f"--out_dir={data_dir}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode:
+        raise DataError(f"building {data_dir} failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+
+
 def split_files(data_dir, split):
     files = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")))
     if not files and os.path.exists(os.path.join(data_dir, f"{split}.bin")):

@@ -205,6 +205,19 @@ def base_settings(init_from):
         return json.load(f), "nanooss", path
 
 
+def adopt_base(config):
+    """A run with init_from is the model its weights belong to: the base's model settings replace the config's
+    (not block_size, the context trained at, nor lora_*, the adapters). Updates config; returns (the settings
+    that changed, kind, path). train.py and safe_train.py's estimate both see the model this way."""
+    from model import GPTConfig
+
+    settings, kind, path = base_settings(config["init_from"])
+    changed = {k: settings[k] for k in GPTConfig.__dataclass_fields__ if k in settings and settings[k] != config.get(k)
+               and k != "block_size" and not k.startswith("lora_")}
+    config.update(changed)
+    return changed, kind, path
+
+
 def fingerprint(kind, path):
     """A cheap identity of base weights, so that a fine-tune refuses a base that changed under it: the file
     names and sizes, the safetensors headers (or DCP's metadata and the save time), and the first MB of every

@@ -124,57 +124,110 @@ def apply_rope(x, cos, sin):
 
 
 def attention(q, k, v, sinks, window, causal=True):
-    """Causal softmax attention with an optional window and per-head sink logits, on SDPA's fused kernel.
-    q, k, v: [B, H, T, D]; sinks: [H] or None; window: int or None. causal=False: every query sees every key
-    (one new token against a KV cache that holds only what it may see; SDPA's is_causal would align a single
-    query with the first key, not the last).
-    A sink is an extra logit in the softmax that takes probability mass and adds no value. SDPA has no
-    such input, so we make it a real key: every query gets a constant 1 in an extra channel, the sink key
-    holds sink/scale there and zeros elsewhere, its value is zero. One dummy query row is prepended
-    with it so that plain is_causal lines up (query i+1 sees keys 0..i+1, i.e. the sink and tokens 0..i).
-    Channels are padded to a multiple of 8, which the fused kernels want, and the same size for q, k
-    and v (CPU falls back to a 10x slower path otherwise)."""
-    B, H, T, D = q.shape
+    """Causal softmax attention with an optional window and per-head sink logits, on SDPA's fused CPU/GPU kernels.
+    q: [B, T, H, D]; k, v: [B, S, Hkv, D], H a multiple of Hkv (GQA: SDPA's enable_gqa shares each kv head, no
+    copies); sinks: [H] or None; window: int or None. Returns [B, T, H, D]. The [B, T, heads, D] layout is the
+    projections' own: SDPA reads its transpose as a strided view. causal=False: every query sees every key (one
+    new token against a KV cache that holds only what it may see).
+    A sink is an extra logit in the softmax that takes probability mass and adds no value. SDPA has no such
+    input, so it becomes a real key: it holds a 1 in an extra channel where real keys hold 0, and each query
+    holds its head's sink / scale there, so their product is the sink logit; its value is zero. One sink key
+    serves all heads, so GQA still holds. Channels are padded to a multiple of 8, the same for q, k and v (the
+    CPU kernel falls back to a 10x slower path otherwise). Sliding layers run block-local (sliding_attention)."""
+    B, T, H, D = q.shape
     scale = 1.0 / math.sqrt(D)
-    if sinks is not None:
-        pad = 8 - D % 8
-        one = q.new_ones(B, H, T, 1)
-        q = torch.cat([q, one, q.new_zeros(B, H, T, pad - 1)], dim=-1)
-        k = F.pad(k, (0, pad))
-        v = F.pad(v, (0, pad))
-        sink_k = torch.zeros(B, H, 1, D + pad, dtype=k.dtype, device=k.device)
-        sink_k[..., D] = (sinks / scale).to(k.dtype).view(1, H, 1).expand(B, H, 1)
-        if causal:
-            q = torch.cat([q.new_zeros(B, H, 1, D + pad), q], dim=2)
-        k = torch.cat([sink_k, k], dim=2)
-        v = torch.cat([v.new_zeros(B, H, 1, D + pad), v], dim=2)
-    n = q.shape[2]
-    if not causal:
-        y = F.scaled_dot_product_attention(q, k, v, scale=scale)
-        return y[..., :D]
-    if window is None or window >= T:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    gqa = k.shape[2] != H
+    if causal and window is not None and window < T:
+        return sliding_attention(q, k, v, sinks, window, scale)
+    if sinks is None:
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                                           scale=scale, enable_gqa=gqa)
+        return y.transpose(1, 2)
+    lead = 1 if causal else 0  # a dummy query row first, so that is_causal lines up: query i+1 sees the sink and 0..i
+    qs = padded(q, T + lead, lead, sinks / scale)
+    ks, vs = padded(k, k.shape[1] + 1, 1, "key"), padded(v, v.shape[1] + 1, 1)  # the sink key and its zero value first
+    y = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), is_causal=causal,
+                                       scale=scale, enable_gqa=gqa)
+    return y.transpose(1, 2)[:, lead:, :, :D]
+
+
+def padded(x, length, at, sink=None):
+    """x [B, T, heads, D] copied into zeros [B, length, heads, D'] from row `at`, D' = D + 1 rounded up to 8.
+    sink: for queries, their heads' sink / scale [heads], put in channel D; "key": row 0 is the sink key."""
+    B, T, Hx, D = x.shape
+    out = x.new_zeros(B, length, Hx, -(-(D + 1) // 8) * 8)
+    out[:, at:at + T, :, :D] = x
+    if isinstance(sink, str):
+        out[:, 0, :, D] = 1.0
+    elif sink is not None:
+        out[:, at:at + T, :, D] = sink.to(x.dtype)
+    return out
+
+
+def sliding_attention(q, k, v, sinks, window, scale):
+    """Queries in blocks of `window`; each block sees its own keys and those of the block before (2 x window
+    keys, plus the sink) under a mask that keeps 0 <= i - j < window: T x 2 x window scores, where one [T, T]
+    mask costs T x T and pushes SDPA off its fused kernel. The blocks fold into SDPA's batch dimension (4-D:
+    a 5-D input takes the unfused path)."""
+    B, T, H, D = q.shape
+    Hk, W = k.shape[2], window
+    n = -(-T // W)  # blocks; the last is padded, and no real query sees the padding (causal)
+    if sinks is None:
+        qs = F.pad(q, (0, 0, 0, 0, 0, n * W - T))
+        kp, vp = (F.pad(x, (0, 0, 0, 0, W, n * W - T)) for x in (k, v))  # a block of zeros before the first
     else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask(n, window, sinks is not None, q.device), scale=scale)
+        qs = padded(q, n * W, 0, sinks / scale)
+        kp, vp = padded(k, (n + 1) * W, W), padded(v, (n + 1) * W, W)
+    Dp = qs.shape[-1]
+    kb, vb = (x.unfold(1, 2 * W, W).transpose(-1, -2) for x in (kp, vp))  # views [B, n, Hk, 2W, D']: previous + own
     if sinks is not None:
-        y = y[:, :, 1:, :D]
-    return y
+        sink_k = kp.new_zeros(B, n, Hk, 1, Dp)
+        sink_k[..., D] = 1.0
+        kb, vb = torch.cat([kb, sink_k], dim=3), torch.cat([vb, torch.zeros_like(sink_k)], dim=3)
+    kb, vb = kb.reshape(B * n, Hk, -1, Dp), vb.reshape(B * n, Hk, -1, Dp)
+    y = F.scaled_dot_product_attention(qs.view(B * n, W, H, Dp).transpose(1, 2), kb, vb, scale=scale, enable_gqa=H != Hk,
+                                       attn_mask=block_mask(B, n, W, sinks is not None, q.device))
+    return y.transpose(1, 2).reshape(B, n * W, H, Dp)[:, :T, :, :D]
 
 
 _masks = {}
 
 
-def window_mask(n, window, has_sink, device):
-    """Boolean [n, n] mask: query i sees key j when 0 <= i - j < window; with a sink, key 0 is seen by all."""
-    key = (n, window, has_sink, str(device))
+def block_mask(B, n, window, has_sink, device):
+    """[B x n, 1, window, 2 x window (+1)]: query i of a block sees key j of (previous block, own block) when
+    0 <= window + i - j < window; block 0 has no previous block; the sink (last column) is seen by all."""
+    key = (B, n, window, has_sink, str(device))
     if key not in _masks:
-        i = torch.arange(n, device=device)
-        d = i[:, None] - i[None, :]
-        m = (d >= 0) & (d < window)
+        i, j = torch.arange(window), torch.arange(2 * window)
+        d = window + i[:, None] - j[None, :]
+        m = ((d >= 0) & (d < window)).expand(n, window, 2 * window).clone()
+        m[0, :, :window] = False
         if has_sink:
-            m[:, 0] = True
-        _masks[key] = m
+            m = torch.cat([m, torch.ones(n, window, 1, dtype=torch.bool)], dim=-1)
+        _masks[key] = m.repeat(B, 1, 1).unsqueeze(1).to(device)
     return _masks[key]
+
+
+class FrozenMatmul(torch.autograd.Function):
+    """mm(x, w) for a frozen w stored in a narrower dtype than x (train.py's base_dtype, fp32 compute): w is cast
+    for the product and again in the backward, so no full-precision copy of it waits in between. mm_t(g, w) is
+    the product with w transposed: x's gradient, the only one."""
+
+    @staticmethod
+    def forward(ctx, x, w, mm, mm_t):
+        ctx.save_for_backward(w)
+        ctx.mm_t = mm_t
+        return mm(x, w.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return ctx.mm_t(g, w.to(g.dtype)), None, None, None
+
+
+def cast_on_use(x, w):
+    """True where w must be cast to x's dtype by FrozenMatmul (autocast casts both to its own dtype itself)."""
+    return w.dtype != x.dtype and not w.requires_grad and not torch.is_autocast_enabled(x.device.type)
 
 
 class LoRALinear(nn.Linear):
@@ -188,7 +241,10 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(d_out, rank)) if rank else None
 
     def forward(self, x):
-        y = F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))  # .to: a frozen base may sit in bf16
+        if cast_on_use(x, self.weight):  # a frozen base in bf16
+            y = FrozenMatmul.apply(x, self.weight, F.linear, torch.matmul) + self.bias.to(x.dtype)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.lora_A is not None:
             y = y + F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype)) * self.scaling
         return y
@@ -215,23 +271,21 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D/2]: one rotation per position, for every head
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal = True
         if cache is not None:  # generation: keys and values of earlier positions, kept after RoPE
             if cache.get("k") is not None:  # one new token against them
                 assert T == 1, "decode one token at a time after the prefill"
-                k, v, causal = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2), False
+                k, v, causal = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1), False
             # a sliding layer keeps only the window - 1 keys the next token may still see: memory bounded by the window
-            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window - 1)
-            cache["k"], cache["v"] = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
-        group = self.n_head // self.n_kv_head  # each kv head serves this many query heads
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+            keep = k.shape[1] if self.window is None else min(k.shape[1], self.window - 1)
+            cache["k"], cache["v"] = k[:, k.shape[1] - keep:], v[:, v.shape[1] - keep:]
         y = attention(q, k, v, self.sinks, self.window, causal)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
 def swiglu(h, alpha, limit):
@@ -281,7 +335,12 @@ class Experts(nn.Module):
 
     def project(self, x, name, offs, ends, dt):
         """x @ W[e] per expert group, plus the adapter's (x @ A[e]) @ B[e] * scaling when there is one."""
-        y = grouped_mm(x, getattr(self, name).to(dt), offs, ends)
+        W = getattr(self, name)
+        if W.dtype != dt and not W.requires_grad:  # a frozen base in bf16, fp32 compute
+            mm = lambda a, w: grouped_mm(a, w, offs, ends)
+            y = FrozenMatmul.apply(x, W, mm, lambda g, w: grouped_mm(g, w.transpose(-1, -2), offs, ends))
+        else:
+            y = grouped_mm(x, W.to(dt), offs, ends)
         A = getattr(self, name.removesuffix("_proj") + "_lora_A")
         if A is not None:
             B = getattr(self, name.removesuffix("_proj") + "_lora_B")
@@ -588,21 +647,27 @@ def output_layer_flops_share(cfg, seq_len):
 def activation_elements(cfg, tokens):
     """Elements the backward keeps per layer for `tokens` tokens, counted from this file's forward with
     saved-tensor hooks (tests/test_model.py checks the count): SwiGLU experts keep 7 tensors of k x I per
-    token (gate_up out, clamp and sigmoid intermediates, down_proj in), the dispatch 2 of k x d, attention
-    4 of H x padded head_dim (SDPA's q, k, v, out), plus norms and projection inputs."""
-    hp = -(-(cfg.head_dim + (1 if cfg.sinks else 0)) // 8) * 8
+    token (gate_up out, clamp and sigmoid intermediates, down_proj in), the dispatch 2 of k x d; attention
+    keeps q and its output (padded to hp channels with sinks; without, the output is o_proj's input), k and v
+    at the kv heads (a sliding layer's blocks hold each key twice), the softmax statistics; then norms and
+    projection inputs. Sliding layers are assumed shorter than the sequence, as they are when training."""
+    hp = -(-(cfg.head_dim + 1) // 8) * 8 if cfg.sinks else cfg.head_dim
+    H, Hk = cfg.n_head, cfg.n_kv_head
+    sliding = sum(cfg.layer_is_sliding(i) for i in range(cfg.n_layer)) / cfg.n_layer if cfg.sliding_window else 0.0
+    attn = (2 if cfg.sinks else 1) * H * hp + 2 * Hk * hp * (1 + sliding) + H
     k, d = cfg.experts_per_token, cfg.n_embd
-    per_token = 7 * k * cfg.intermediate_size + 2 * k * d + 4 * cfg.n_head * hp + 6 * d + cfg.n_head * cfg.head_dim
+    per_token = 7 * k * cfg.intermediate_size + 2 * k * d + attn + 6 * d + H * cfg.head_dim
     return per_token * tokens
 
 
 def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_size=1, device="cpu",
-                    activation_checkpointing=False, loss_chunk=0, grad_accum_steps=1, sync_every_micro_step=False):
+                    activation_checkpointing=False, loss_chunk=0, grad_accum_steps=1, sync_every_micro_step=False,
+                    base_dtype="float32"):
     """Peak training memory per device, in bytes, by part, from a config alone. AdamW with fp32 master
     weights, gradients and two moments, all sharded over world_size (FSDP); under FSDP one layer is
     gathered at a time (plus the next, prefetched). Activations as activation_elements counts them, times
-    1.3 for the gradients alive during the backward and allocator slack (fitted to peak RSS on CPU; the
-    README has the table); bf16 autocast keeps about 0.78x the bytes of fp32 (measured 0.73-0.82x).
+    1.3 for the gradients alive during the backward and allocator slack, or 2.35 where little state fills
+    that slack (see below; fitted to peak RSS on CPU, the README has the table); bf16 autocast keeps about 0.78x the bytes of fp32 (measured 0.73-0.82x).
     Logits: the float copy, log-softmax and its gradient for the whole micro batch, or with loss_chunk one
     chunk of them plus the gradients LinearCrossEntropy keeps.
     With gradient accumulation (grad_accum_steps per device > 1) later micro steps run their forward with
@@ -611,6 +676,8 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
     the gradient sync costs whole (unsharded) gradients on every rank until the last micro step, kept in the
     reduce dtype (fp32, 4 bytes a parameter, measured on CPU with bf16 parameters); sync_every_micro_step
     (train.py's sync_grads_every_micro_step) reduce-scatters each micro step and keeps only the shard.
+    A LoRA run (cfg.lora_rank) keeps gradients and moments for its adapters alone; base_dtype bfloat16 halves
+    the frozen layers' weights.
     'process' is what the runtime holds before any tensor: Python + torch on CPU, the CUDA context."""
     T = block_size or cfg.block_size
     tokens = batch_size * T
@@ -623,7 +690,6 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
         saved = cfg.n_layer * tokens * cfg.n_embd * 4 + 2 * per_layer
     else:
         saved = cfg.n_layer * per_layer
-    activations = 1.3 * saved  # the backward's gradients and the allocator's slack on top (measured on CPU, bench/memory.py)
     if loss_chunk:  # fused: one chunk of float logits (turned into probabilities in place), the head's gradient (not for
         head_grad = 0 if cfg.lora_rank else 4 * cfg.vocab_size * cfg.n_embd  # a frozen head), x's
         logits = min(loss_chunk, tokens) * cfg.vocab_size * (4 + (2 if dtype != "float32" else 0)) + head_grad + 4 * tokens * cfg.n_embd
@@ -637,7 +703,15 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
             grads += trained * world_size * 4  # whole gradients, in the fp32 reduce dtype
     elif grad_accum_steps > 1:
         grads += 8 * trained
-    parts = {"weights": 4 * shard, "grads": grads, "optimizer": 8 * trained, "gathered": gathered,
+    # The backward's gradients and the allocator's slack come on top of the saved tensors: 1.3x. But the slack
+    # of freed activations stays (the heap cannot shrink round live blocks): a step leaves about 2.35x the saved
+    # bytes behind, which gradients and AdamW moments allocated later move into. So the peak is the larger of
+    # the two (fitted on CPU, bench/memory.py: a LoRA run, with almost no such state, needs the second).
+    activations = max(1.3 * saved, 2.35 * saved - grads - 8 * trained)
+    weights = 4 * shard
+    if cfg.lora_rank and base_dtype == "bfloat16":  # train.py keeps the frozen layers' matrices in bf16
+        weights -= 2 * (P - n["embedding"] - n["lora"])
+    parts = {"weights": weights, "grads": grads, "optimizer": 8 * trained, "gathered": gathered,
              "activations": activations, "logits": logits,
              "process": {"cpu": 0.4e9, "cuda": 0.5e9, "mps": 0.4e9}.get(device, 0.4e9)}
     parts["total"] = sum(parts.values())

@@ -115,6 +115,13 @@ def probe(config):
     if dev_type == "cuda":
         line = torch.cuda.get_device_properties(dev).total_memory * config["_stop_pct"] / 100
     report["line"], report["line_of"] = line, "GPU memory" if dev_type == "cuda" else "the budget"
+    if config.get("init_from"):  # a fine-tune is the shape of its base
+        from export_hf import BridgeError, adopt_base
+
+        try:
+            adopt_base(config)
+        except BridgeError as e:
+            return {"error": str(e)}
     try:
         for split in ("train", "val"):
             DataLoader(config["data_dir"], split, config["batch_size"], config["block_size"], vocab_size=config["vocab_size"])
@@ -123,11 +130,12 @@ def probe(config):
     cfg = GPTConfig.from_dict(config)
     n = param_counts(cfg)
     report["params"] = n["total"]
+    report["saved_params"] = n["lora"] if cfg.lora_rank else n["total"]  # a fine-tune's checkpoints hold its adapters
 
     def estimate(b):
         accum = config["batch_size"] * config["grad_accum_steps"] // b  # the same tokens per step at micro batch b
         return memory_estimate(cfg, b, config["block_size"], dt, 1, dev_type, config.get("activation_checkpointing", False),
-                               config.get("loss_chunk", 0), accum)["total"]
+                               config.get("loss_chunk", 0), accum, base_dtype=config.get("base_dtype", "float32"))["total"]
 
     report["estimate"] = est = {b: estimate(b) for b in sorted({config["batch_size"]} | {2 ** i for i in range(12)}) if b <= config["batch_size"]}
     if config["_fit"]:  # before any model is built: a config that cannot fit must not exhaust memory in its own check
@@ -182,7 +190,7 @@ def run_preflight(config, budget, log):
     log(f"preflight: device {report['device']} ({report['dtype']}), {report['params'] / 1e6:.1f}M parameters, "
         f"probe loss {report['probe_loss']:.2f}, data {config['data_dir']} ok")
     # disk: the keep_last_n kept and the one being written (it is complete before the oldest goes), plus a margin
-    ckpt = report["params"] * 12  # fp32 weights and two AdamW moments
+    ckpt = report["saved_params"] * 12  # fp32 weights and two AdamW moments
     keep = config.get("keep_last_n", 3)
     n_ckpt = keep + 1 if keep > 0 else config.get("max_iters", 0) // max(1, config.get("save_every", 1)) + 1
     probe_dir = out_dir if os.path.isdir(out_dir) else os.path.dirname(os.path.abspath(out_dir)) or "."
@@ -310,6 +318,14 @@ def main(argv):
         with open(log_path, "a") as f:
             f.write(line + "\n")
 
+    from data_loader import DataError, build_data, needs_building
+
+    if needs_building(config.get("data_dir", ""), config.get("data_recipe"), train_args):  # as train.py would, once
+        log(f"{config['data_dir']} is missing: building it with prepare_fineweb.py {config['data_recipe']} (the config's data_recipe)")
+        try:
+            build_data(config["data_dir"], config["data_recipe"])
+        except DataError as e:
+            raise Refused(f"data: {e}")
     budget = budget_gb * GB or 0.9 * psutil.virtual_memory().available
     report = run_preflight(config, budget, log) if preflight else {"device": "cpu"}
     expected = report.get("estimate", {})

@@ -14,7 +14,6 @@ import math
 import os
 import pickle
 import random
-import shlex
 import signal
 import subprocess
 import sys
@@ -83,6 +82,7 @@ tie_embeddings = False
 lora_rank = 0
 lora_alpha = 16.0
 lora_targets = "q,k,v,o,experts"  # any of q, k, v, o, experts, router
+base_dtype = "float32"  # bfloat16: the frozen base's layer matrices sit in bf16, half their memory (one device)
 # router losses: the raw aux is 1.0 at perfect balance. HF GptOss pools layers and its balanced value is
 # experts_per_token, so HF's router_aux_loss_coef c gives the same push as c * experts_per_token here.
 router_aux_loss_coef = 0.01
@@ -324,7 +324,7 @@ def choose_checkpoint(config, model_keys):
 def main():
     import checkpoint
     from configurator import configure
-    from data_loader import DataError, DataLoader, get_tokenizer
+    from data_loader import DataError, DataLoader, build_data, get_tokenizer, needs_building
     from model import GPT, GPTConfig, flops_per_token, param_counts, pick_dtype
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -335,15 +335,12 @@ def main():
     model_keys = [f.name for f in fields(GPTConfig) if f.name in config]
     base = None
     if init_from:  # the model is the one those weights belong to: its settings, not the config's
-        from export_hf import BridgeError, base_settings
+        from export_hf import BridgeError, adopt_base
 
         try:
-            settings, kind, path = base = base_settings(init_from)
+            changed, kind, path = base = adopt_base(config)
         except BridgeError as e:
             fail(f"config error: {e}")
-        changed = {k: settings[k] for f in fields(GPTConfig) if (k := f.name) in settings and settings[k] != config.get(k)
-                   and k != "block_size" and not k.startswith("lora_")}  # the context and the adapters stay yours
-        config.update(changed)
         globals().update(changed)
         if lora_rank:  # the adapters' checkpoints name their base, and refuse a base that changed under them
             from export_hf import fingerprint
@@ -351,6 +348,8 @@ def main():
             config["base"] = {"path": os.path.abspath(path), "kind": kind, "fingerprint": fingerprint(kind, path)}
     elif lora_rank:
         fail("config error: lora_rank needs --init_from: the base weights the adapters adapt")
+    if base_dtype not in ("float32", "bfloat16") or (base_dtype == "bfloat16" and not lora_rank):
+        fail(f"config error: base_dtype {base_dtype!r}: float32, or bfloat16 for the frozen base of a LoRA run (lora_rank > 0)")
     rank, world, dev = setup_distributed(device)
     master = rank == 0  # logs, samples to the console, decides about out_dir, writes files other than checkpoint shards
     dist = world > 1
@@ -363,6 +362,8 @@ def main():
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dt)
     if ptdtype is None:
         fail(f"config error: dtype {dt!r} is not one of float32, bfloat16, float16")
+    if dist and base_dtype != "float32":  # FSDP gathers a layer as one buffer: one dtype per layer
+        fail("config error: base_dtype bfloat16 is for one device; under torchrun use dtype=bfloat16, whose gathers are bf16")
     if dist and dt == "float16":
         fail("config error: dtype float16 needs a gradient scaler that FSDP does not share; use bfloat16 or float32")
     for key in ("n_embd", "intermediate_size"):  # torch._grouped_mm wants 16-byte-aligned rows, in bf16 too
@@ -407,13 +408,13 @@ def main():
     if dev_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if data_recipe and not os.path.exists(os.path.join(data_dir, "meta.json")) and not any(a.startswith("--data_dir") for a in sys.argv[1:]):
-        if master:  # the config's own data_dir, missing: build it as the config says (a typed --data_dir is never built)
+    if needs_building(data_dir, data_recipe, sys.argv[1:]):
+        if master:
             print(f"{data_dir} is missing: building it with prepare_fineweb.py {data_recipe} (the config's data_recipe)", flush=True)
-            r = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_fineweb.py"),
-                                *shlex.split(data_recipe), f"--out_dir={data_dir}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            if r.returncode:
-                fail(f"data error: building {data_dir} failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+            try:
+                build_data(data_dir, data_recipe)
+            except DataError as e:
+                fail(f"data error: {e}")
         barrier()
     try:
         train_data, val_data, train_eval = (DataLoader(data_dir, split, batch_size, block_size, rank, world, config["vocab_size"])
@@ -468,6 +469,9 @@ def main():
     if lora_rank:  # only the adapters learn: no gradients and no optimizer state for the base
         for name, p in model.named_parameters():
             p.requires_grad_("lora_" in name)
+        for name, p in model.layers.named_parameters():  # cast on use, never copied whole (model.FrozenMatmul)
+            if base_dtype == "bfloat16" and p.dim() >= 2 and not p.requires_grad and not name.endswith("bias"):
+                p.data = p.data.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(beta1, beta2), fused=dev_type == "cuda")
     scaler = torch.amp.GradScaler(dev_type, enabled=dt == "float16")
     iter_num, best_val_loss = 0, float("inf")

@@ -73,7 +73,10 @@ def main():
     dt = "bfloat16" if device.startswith("cuda") else "float32"
     print(f"| config | estimate (GB) | measured peak (GB) | estimate / measured |\n| --- | --- | --- | --- |")
     if lora_base:
-        CONFIGS["mac_micro, LoRA rank 8 on q,k,v,o,experts (frozen base)"] = {**MAC_MICRO, "lora_rank": 8, "init_from": lora_base}
+        lora = {**MAC_MICRO, "lora_rank": 8, "init_from": lora_base}
+        CONFIGS["mac_micro, LoRA rank 8 on q,k,v,o,experts (frozen base)"] = lora
+        CONFIGS["LoRA, batch 8 x 512, no accumulation (config/finetune_mac.py's shape)"] = {**lora, "batch_size": 8, "grad_accum_steps": 1}
+        CONFIGS["LoRA, batch 2 x 1024"] = {**lora, "batch_size": 2, "block_size": 1024}
     for name, s in ((n, s) for n, s in CONFIGS.items() if only in n):
         cfg = GPTConfig.from_dict(s)
         est = memory_estimate(cfg, s["batch_size"], s["block_size"], dt, 1, device.split(":")[0],

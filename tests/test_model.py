@@ -1,4 +1,5 @@
 """model.py: the MoE and attention equal plain per-token references; counts and losses mean what they say."""
+import copy
 import math
 
 import pytest
@@ -109,17 +110,22 @@ def naive_attention(q, k, v, sinks, window):
     return p @ v
 
 
-@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("T,window", [(23, None), (23, 5), (1000, 128), (1000, None), (300, 128)])
 @pytest.mark.parametrize("with_sinks", [True, False])
-def test_attention_matches_naive_reference(window, with_sinks):
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_matches_naive_reference(T, window, with_sinks, kv_heads):
+    """Values and gradients at 1e-5: full and sliding layers (block-local, T a multiple of the window or not),
+    sinks on and off, GQA (2 kv heads for 4 query heads, never repeated in memory) and plain."""
     torch.manual_seed(0)
-    B, H, T, D = 2, 3, 23, 12  # longer than the window; D not a multiple of 8
-    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+    B, H, D = 2, 4, 12  # D not a multiple of 8
+    q = torch.randn(B, H, T, D, requires_grad=True)
+    k, v = (torch.randn(B, kv_heads, T, D, requires_grad=True) for _ in range(2))
     sinks = torch.randn(H, requires_grad=True) if with_sinks else None
     g = torch.randn(B, H, T, D)
     leaves = [q, k, v] + ([sinks] if with_sinks else [])
-    y = attention(q, k, v, sinks, window)
-    y_ref = naive_attention(q, k, v, sinks, window)
+    y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), sinks, window).transpose(1, 2)  # [B, T, heads, D]
+    group = H // kv_heads
+    y_ref = naive_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), sinks, window)
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(y_ref, leaves, g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -127,7 +133,7 @@ def test_attention_matches_naive_reference(window, with_sinks):
 
 def test_sink_takes_probability_mass():
     # a huge sink soaks up all attention: the output goes to zero
-    q, k, v = (torch.randn(1, 2, 6, 8) for _ in range(3))
+    q, k, v = (torch.randn(1, 6, 2, 8) for _ in range(3))  # [B, T, H, D]
     y = attention(q, k, v, torch.full((2,), 30.0), None)
     assert y.abs().max() < 1e-6
 
@@ -365,7 +371,7 @@ def test_kv_cache_generates_the_tokens_and_logits_of_the_uncached_path():
             ref = m(cached[:, :t])[0][:, -1]
             torch.testing.assert_close(step, ref, atol=1e-5, rtol=1e-5)
             step = m(cached[:, t:t + 1], cache=cache, pos=t)[0][:, -1]
-    assert all(c["k"].shape[2] == (7 if b.self_attn.window else 70) for c, b in zip(cache, m.layers))  # bounded by the window
+    assert all(c["k"].shape[1] == (7 if b.self_attn.window else 70) for c, b in zip(cache, m.layers))  # bounded by the window
 
 
 def test_yarn_model_generates_past_its_block_size_with_the_cache():
@@ -418,3 +424,48 @@ def test_merged_adapters_give_the_adapter_model_logits_and_only_adapters_get_gra
         merged = lora.merge_lora()(idx, idx)[0]
     torch.testing.assert_close(merged, logits.detach(), atol=1e-5, rtol=1e-5)
     assert lora.cfg.lora_rank == 0 and not any("lora_" in k for k in lora.state_dict())  # a plain model's names
+
+
+def test_a_bf16_base_gives_the_gradients_of_its_rounded_weights_and_keeps_no_fp32_copy_for_the_backward():
+    """train.py's base_dtype=bfloat16: the frozen layers' matrices sit in bf16 and fp32 compute casts them on
+    use (model.FrozenMatmul); the adapters must learn exactly as on an fp32 base holding the same rounded
+    values, and the backward must not keep fp32 copies of the weights (that would undo the saving)."""
+    _, half = lora_pair()
+    with torch.no_grad():
+        for name, p in half.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    full = copy.deepcopy(half)
+    for m in (half, full):
+        for name, p in m.named_parameters():
+            p.requires_grad_("lora_" in name)
+        m.loss_chunk = 0
+    cast = 0
+    for (name, p), q in zip(half.layers.named_parameters(), full.layers.parameters()):
+        if p.dim() >= 2 and not p.requires_grad and not name.endswith("bias"):
+            p.data = p.data.to(torch.bfloat16)
+            q.data = p.data.float()
+            cast += 1
+    assert cast == 2 * (4 + 1 + 2)  # per layer: q, k, v, o, the router, the experts' two stacks
+
+    def saved_bytes(model):
+        params = {p.data_ptr() for p in model.parameters()}
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += 0 if t.data_ptr() in params else t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            _, loss, _ = model(idx, idx)
+        loss.backward()
+        return loss, total
+
+    idx = torch.randint(0, 97, (2, 40))
+    (loss_h, saved_h), (loss_f, saved_f) = saved_bytes(half), saved_bytes(full)
+    assert torch.equal(loss_h, loss_f)
+    for (name, p), q in zip(half.named_parameters(), full.parameters()):
+        if "lora_" in name:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
+    assert saved_h <= saved_f

@@ -198,3 +198,35 @@ def test_on_cuda_the_estimate_meets_gpu_memory_not_host_ram_simulated_gpu(monkey
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(total_memory=0.3e9))
     report = safe_train.probe(config)
     assert "GPU memory" in report["error"] and "even micro batch 1" in report["error"]  # refused before any model is built
+
+
+def test_the_finetune_example_runs_to_the_end_under_a_budget_that_forces_one_memory_stop(tmp_path, data):
+    """`python safe_train.py config/finetune_mac.py`, as the README gives it, on a small real base and the real
+    stdlib_api set (at the tests' 4k vocabulary): stopped once at the memory line, resumed at half the micro
+    batch, and finished with its adapters written."""
+    from model import GPTConfig, memory_estimate
+
+    base = tmp_path / "base"
+    r = subprocess.run([sys.executable, "train.py", *[f"--{k}={v}" for k, v in SHAPE.items()], f"--data_dir={data}",
+                        f"--out_dir={base}", "--batch_size=8", "--grad_accum_steps=1", "--max_iters=2", "--eval_interval=0",
+                        "--sample_every=0", "--compile=False"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    api = tmp_path / "api"
+    r = subprocess.run([sys.executable, "prepare_fineweb.py", "--corpus=stdlib_api", "--encoding=o200k_base:4096",
+                        f"--out_dir={api}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    cfg = GPTConfig.from_dict({**SHAPE, "lora_rank": 8})
+    big, small = (memory_estimate(cfg, b, 256, loss_chunk=512)["total"] for b in (64, 32))
+    line = (big * small) ** 0.5
+    out = tmp_path / "ft"
+    r = supervise("config/finetune_mac.py", f"--init_from={base}", f"--data_dir={api}", f"--out_dir={out}", "--batch_size=64",
+                  "--block_size=256", "--max_iters=6", "--lr_decay_iters=6", "--warmup_iters=1", "--eval_interval=3",
+                  "--eval_iters=1", "--log_interval=1", "--compile=False", f"--budget_gb={line / 0.9 / 1e9:.3f}",
+                  "--preflight_fit=False", "--interval=0.5")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = open(out / "safe_training.log").read()
+    assert "(memory stop)" in log and "resuming with micro batch 32 x 2 accumulation steps" in log, log
+    assert "summary: finished" in log and "restarts: 1 after 1 memory stops, 0 after 0 crashes" in log
+    steps = [rec for rec in read_jsonl(out / "log.jsonl") if "loss" in rec]
+    assert [s["iter"] for s in steps] == list(range(1, 7))
+    assert os.path.exists(out / "adapter" / "adapter_model.safetensors")  # the end of the run: its adapters, peft's format
