@@ -33,6 +33,8 @@ rounds = 5
 hf = True  # also time transformers' GptOssForCausalLM on the identical model
 dense = True  # also time the equal-FLOP dense model for the MoE overhead
 loss_chunk = 512  # as train.py: the loss fused with its gradient, 512 tokens at a time
+layer_T = 4096  # the per-layer line: one sliding and one full layer (attention alone, then the whole block), forward +
+# backward at this sequence length, batch 1; 0 = skip
 # train.py settings that config files may set; accepted (None takes any value) and ignored here
 out_dir = data_dir = grad_accum_steps = lr = min_lr = warmup_iters = lr_decay_iters = max_iters = None
 eval_interval = eval_iters = save_every = sample_every = log_interval = keep_last_n = None
@@ -73,7 +75,7 @@ def our_step_fn(cfg, dev, ctx, use_compile):
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
     model.loss_chunk = loss_chunk
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.startswith("cuda"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fwd = torch.compile(model) if use_compile else model
 
     def step(x):
@@ -103,7 +105,7 @@ def hf_step_fn(cfg, dev, ctx, dt):
     model = GptOssForCausalLM(hc).to(dev)
     ours = sum(p.numel() for p in __import__("model").GPT(cfg).parameters())
     assert sum(p.numel() for p in model.parameters()) == ours, "HF model differs in size from ours"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.startswith("cuda"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step(x):
         with ctx:
@@ -116,11 +118,22 @@ def hf_step_fn(cfg, dev, ctx, dt):
 
 
 def layer_step_fns(cfg, dev, ctx, T):
-    """One attention sublayer and one whole block, sliding and full, forward + backward at sequence length T."""
-    from model import Attention, Block, rope_tables
+    """Attention alone (q, k, v given), the attention sublayer (projections, RoPE, attention) and the whole
+    block, sliding and full, forward + backward at sequence length T, batch 1."""
+    from model import Attention, Block, attention, rope_tables
 
     cos, sin = (t.to(dev) for t in rope_tables(cfg, T))
     fns = {}
+    torch.manual_seed(0)
+    q = torch.randn(1, T, cfg.n_head, cfg.head_dim, device=dev, requires_grad=True)
+    k, v = (torch.randn(1, T, cfg.n_kv_head, cfg.head_dim, device=dev, requires_grad=True) for _ in range(2))
+    sinks = torch.zeros(cfg.n_head, device=dev, requires_grad=True) if cfg.sinks else None
+    for kind, window in (("sliding", cfg.sliding_window), ("full", None)):
+        def step(x, window=window):
+            with ctx:
+                y = attention(q, k, v, sinks, window)
+            y.float().square().mean().backward()
+        fns[f"attention op, {kind}"] = step
     for part, make in (("attention", Attention), ("block", Block)):
         for kind, idx in (("sliding", 0), ("full", 1)):
             assert cfg.layer_is_sliding(idx) == (kind == "sliding"), "bench expects attn_pattern SF"
@@ -221,6 +234,21 @@ def main():
     if dense:
         print(f"MoE overhead: {ours / med['nanoOSS dense, equal FLOPs']:.2f} (MoE step time / dense step time)")
     print(f"peak memory of this process (all models): {peak_memory_gb(dev):.2f} GB")
+    if layer_T:
+        lcfg = replace(cfg, block_size=max(cfg.block_size, layer_T))
+        fns = layer_step_fns(lcfg, dev, ctx, layer_T)
+        x = torch.randn(1, layer_T, cfg.n_embd, device=dev, requires_grad=True)
+        for step in fns.values():
+            step(x)
+        times = {k: [] for k in fns}
+        for _ in range(rounds):
+            for name, step in fns.items():
+                times[name].append(timed(step, x, dev, steps))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"\nper layer, forward + backward, 1 x {layer_T} tokens, window {cfg.sliding_window} (medians of {rounds}): "
+              + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med.items()))
+        print("sliding / full: " + ", ".join(f"{part} {med[part + ', sliding'] / med[part + ', full']:.2f}"
+                                             for part in ("attention op", "attention", "block")))
 
 
 if __name__ == "__main__":

@@ -117,10 +117,33 @@ def rope_tables(cfg, seq_len, device=None):
     return angles.cos() * concentration, angles.sin() * concentration
 
 
+def rotate(x, cos, sin):
+    """Each position's pairs (x1[i], x2[i]) turned by its angle; halves, not interleaved pairs: the layout of
+    gpt-oss and HF. Written into one output, four kernels, no temporaries (autograd's version takes twelve)."""
+    out = torch.empty_like(x)
+    (x1, x2), (o1, o2) = x.chunk(2, dim=-1), out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
+
+
+class Rope(torch.autograd.Function):
+    """A rotation's gradient is the rotation back: nothing kept but the angles."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        return rotate(g, cos, -sin), None, None
+
+
 def apply_rope(x, cos, sin):
-    # halves, not interleaved pairs: the layout of gpt-oss and HF
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    """x [..., T, heads, D] or [..., T, D] with cos, sin broadcastable to its halves; bf16 / fp16 turn in fp32."""
+    return Rope.apply(x if x.element_size() >= 4 else x.float(), cos, sin).to(x.dtype)
 
 
 def attention(q, k, v, sinks, window, causal=True):
@@ -703,11 +726,14 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
             grads += trained * world_size * 4  # whole gradients, in the fp32 reduce dtype
     elif grad_accum_steps > 1:
         grads += 8 * trained
-    # The backward's gradients and the allocator's slack come on top of the saved tensors: 1.3x. But the slack
-    # of freed activations stays (the heap cannot shrink round live blocks): a step leaves about 2.35x the saved
-    # bytes behind, which gradients and AdamW moments allocated later move into. So the peak is the larger of
-    # the two (fitted on CPU, bench/memory.py: a LoRA run, with almost no such state, needs the second).
-    activations = max(1.3 * saved, 2.35 * saved - grads - 8 * trained)
+    # The backward's gradients and the allocator's slack come on top of the saved tensors: 1.3x. On the host
+    # heap the slack of freed activations stays (it cannot shrink round live blocks): a step leaves about 2.35x
+    # the saved bytes behind, which gradients and AdamW moments allocated later move into. So the peak is the
+    # larger of the two (fitted on CPU, bench/memory.py: a LoRA run, with almost no such state, needs the
+    # second). CUDA's caching allocator reuses its blocks: not measured here, the first alone.
+    activations = 1.3 * saved
+    if device != "cuda":
+        activations = max(activations, 2.35 * saved - grads - 8 * trained)
     weights = 4 * shard
     if cfg.lora_rank and base_dtype == "bfloat16":  # train.py keeps the frozen layers' matrices in bf16
         weights -= 2 * (P - n["embedding"] - n["lora"])

@@ -469,3 +469,13 @@ def test_a_bf16_base_gives_the_gradients_of_its_rounded_weights_and_keeps_no_fp3
         if "lora_" in name:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
     assert saved_h <= saved_f
+
+
+def test_rope_gradient_is_the_rotation_back():
+    """model.Rope computes its own backward (the inverse rotation): checked against finite differences."""
+    from model import apply_rope
+
+    cos, sin = rope_tables(tiny(head_dim=8), 5)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    c, s = cos.double().unsqueeze(1), sin.double().unsqueeze(1)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, c, s), (x,))
