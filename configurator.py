@@ -61,7 +61,7 @@ def _read_file(path):
         line = getattr(e, "lineno", None) or _lineno(e, path)
         raise ConfigError(f"{path}:{line}: {type(e).__name__}: {e}")
     # plain values only: modules or helper functions imported by the file are not settings
-    return {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
+    return {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))}
 
 
 def _lineno(exc, path):
@@ -102,7 +102,7 @@ def configure(scope, argv=None, keys=None):
     """Apply sys.argv[1:] to the dict `scope` (a script's globals()); exit with one line on bad input.
     keys: the names that count as settings (default: every plain-valued global not starting with _)."""
     argv = sys.argv[1:] if argv is None else argv
-    keys = keys or [k for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+    keys = keys or [k for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))]
     try:
         changes = parse(argv, {k: scope[k] for k in keys})
     except ConfigError as e:

@@ -45,6 +45,39 @@ class GPTConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: str = "q,k,v,o,experts"
+    # Mixture-of-Recursions (Bae et al. 2025): the n_layer applied layers come from fewer unique blocks, a shared
+    # stack run n_recursion times. sharing: cycle (blocks 0..k-1, n_recursion times), sequence (each block
+    # n_recursion times in a row), middle_cycle / middle_sequence (the first and last layers unshared).
+    # mor_router: none (every token takes every recursion) | expert (each recursion step's router keeps the top
+    # tokens of the sequence: capacity = a share of T per step, () = (n_recursion - r) / n_recursion; gate
+    # mor_alpha * sigmoid(logit); eval and generation decide by sigmoid > 0.5 instead, causally)
+    n_recursion: int = 1
+    recursion_sharing: str = "middle_cycle"
+    mor_router: str = "none"
+    mor_capacity: tuple = ()
+    mor_alpha: float = 0.1
+
+    def schedule(self):
+        """The unique block each applied layer runs, in order, and (first, shared, last) counts of the plan."""
+        L, N, how = self.n_layer, self.n_recursion, self.recursion_sharing
+        if N == 1:
+            return list(range(L)), (0, L, 0)
+        outer = 1 if how.startswith("middle_") else 0
+        if how.removeprefix("middle_") not in ("cycle", "sequence") or (L - 2 * outer) % N or L - 2 * outer < N:
+            raise ValueError(f"recursion_sharing {how!r} with n_layer {L}, n_recursion {N}: use cycle, sequence, middle_cycle "
+                             f"or middle_sequence, with n_layer{' - 2' if outer else ''} a multiple of n_recursion")
+        m = (L - 2 * outer) // N
+        inner = [outer + j for j in range(m)]
+        shared = inner * N if how.endswith("cycle") else [i for i in inner for _ in range(N)]
+        return [0] * outer + shared + [outer + m] * outer, (outer, m, outer)
+
+    def capacities(self):
+        """Share of the sequence each recursion step keeps (expert-choice routing)."""
+        N = self.n_recursion
+        caps = [float(c) for c in self.mor_capacity] or [(N - r) / N for r in range(N)]
+        if len(caps) != N or any(not 0 < c <= 1 for c in caps) or caps != sorted(caps, reverse=True):
+            raise ValueError(f"mor_capacity {tuple(self.mor_capacity)}: {N} shares in (0, 1], none larger than the one before")
+        return caps
 
     def lora_on(self, target):
         return self.lora_rank > 0 and target in self.lora_targets.split(",")
@@ -146,7 +179,7 @@ def apply_rope(x, cos, sin):
     return Rope.apply(x if x.element_size() >= 4 else x.float(), cos, sin).to(x.dtype)
 
 
-def attention(q, k, v, sinks, window, causal=True):
+def attention(q, k, v, sinks, window, causal=True, mask=None):
     """Causal softmax attention with an optional window and per-head sink logits, on SDPA's fused CPU/GPU kernels.
     q: [B, T, H, D]; k, v: [B, S, Hkv, D], H a multiple of Hkv (GQA: SDPA's enable_gqa shares each kv head, no
     copies); sinks: [H] or None; window: int or None. Returns [B, T, H, D]. The [B, T, heads, D] layout is the
@@ -156,10 +189,22 @@ def attention(q, k, v, sinks, window, causal=True):
     input, so it becomes a real key: it holds a 1 in an extra channel where real keys hold 0, and each query
     holds its head's sink / scale there, so their product is the sink logit; its value is zero. One sink key
     serves all heads, so GQA still holds. Channels are padded to a multiple of 8, the same for q, k and v (the
-    CPU kernel falls back to a 10x slower path otherwise). Sliding layers run block-local (sliding_attention)."""
+    CPU kernel falls back to a 10x slower path otherwise). Sliding layers run block-local (sliding_attention).
+    mask [B, T, S] (True = seen) replaces causality and window: the masked path, for tokens gathered out of order
+    of their positions or partly inactive (Mixture-of-Recursions)."""
     B, T, H, D = q.shape
     scale = 1.0 / math.sqrt(D)
     gqa = k.shape[2] != H
+    if mask is not None:  # [B, T, S]: who sees whom, given (recursion: tokens by position, or only those still active)
+        if sinks is None:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None],
+                                               scale=scale, enable_gqa=gqa)
+            return y.transpose(1, 2)
+        mask = torch.cat([mask.new_ones(B, T, 1), mask], dim=-1)  # the sink is seen by all
+        qs, ks, vs = padded(q, T, 0, sinks / scale), padded(k, k.shape[1] + 1, 1, "key"), padded(v, v.shape[1] + 1, 1)
+        y = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=mask[:, None],
+                                           scale=scale, enable_gqa=gqa)
+        return y.transpose(1, 2)[..., :D]
     if causal and window is not None and window < T:
         return sliding_attention(q, k, v, sinks, window, scale)
     if sinks is None:
@@ -292,22 +337,37 @@ class Attention(nn.Module):
         self.o_proj = LoRALinear(cfg.n_head * cfg.head_dim, cfg.n_embd, *lora("o"))
         self.sinks = nn.Parameter(torch.zeros(cfg.n_head)) if cfg.sinks else None
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, pos=None, active=None):
+        """pos [B, T]: the positions of tokens gathered from a longer sequence (sorted), which set causality and
+        the window; active [B, T]: which tokens are keys at this depth (the others' outputs are discarded)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D/2]: one rotation per position, for every head
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [(B,) T, 1, D/2]: one rotation per position, for every head
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal = True
+        causal, seen = True, active
         if cache is not None:  # generation: keys and values of earlier positions, kept after RoPE
             if cache.get("k") is not None:  # one new token against them
                 assert T == 1, "decode one token at a time after the prefill"
                 k, v, causal = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1), False
+                if active is not None:
+                    seen = torch.cat([cache["active"], active], dim=1)
             # a sliding layer keeps only the window - 1 keys the next token may still see: memory bounded by the window
             keep = k.shape[1] if self.window is None else min(k.shape[1], self.window - 1)
             cache["k"], cache["v"] = k[:, k.shape[1] - keep:], v[:, v.shape[1] - keep:]
-        y = attention(q, k, v, self.sinks, self.window, causal)
+            if seen is not None:
+                cache["active"] = seen[:, seen.shape[1] - keep:]
+        mask = None
+        if pos is not None:
+            d = pos[:, :, None] - pos[:, None, :]
+            mask = (d >= 0) & (d < self.window) if self.window else d >= 0
+        elif seen is not None:  # keys still active at this depth; every query sees itself (so no row is empty)
+            S = k.shape[1]
+            i, j = torch.arange(S - T, S, device=x.device)[:, None], torch.arange(S, device=x.device)[None, :]
+            near = (i >= j) & ((i - j < self.window) if self.window and causal else True)
+            mask = (near & seen[:, None, :]) | (i == j)
+        y = attention(q, k, v, self.sinks, self.window, causal, mask)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -436,8 +496,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MoE(cfg)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, pos=None, active=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos, active)
         h, aux, z, load = self.mlp(self.post_attention_layernorm(x))
         return x + h, aux, z, load
 
@@ -450,7 +510,11 @@ class GPT(nn.Module):
         assert 1 <= cfg.experts_per_token <= cfg.n_expert, "experts_per_token must be in 1..n_expert"
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.plan, (self.n_first, self.n_shared, _) = cfg.schedule()  # the unique block of each applied layer
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(max(self.plan) + 1))
+        # expert-choice recursion routers: one logit per token per recursion step (row r of the weight)
+        self.mor_router = nn.Linear(cfg.n_embd, cfg.n_recursion, bias=False) if cfg.mor_router == "expert" else None
+        self.mor_topk = None  # None: top-k while training, the causal threshold otherwise; True / False force one
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         # tied: the head reads embed_tokens.weight directly, so there is one parameter, not two sharing a
         # tensor (to_empty() and FSDP would quietly untie those)
@@ -505,16 +569,32 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.embed_tokens(idx)
         aux, z, load = [], [], []
-        for i, block in enumerate(self.layers):
+
+        def run(j, x, cos=cos, sin=sin, where=None, active=None):
+            """Applied layer j (its unique block), on x: the whole sequence, or tokens gathered from it at positions
+            `where`, or the sequence with only `active` tokens as keys."""
+            block = self.layers[self.plan[j]]
             if self.activation_checkpointing and torch.is_grad_enabled():
-                x, a, zz, l = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x, a, zz, l = checkpoint(block, x, cos, sin, None, where, active, use_reentrant=False)
             else:
-                x, a, zz, l = block(x, cos, sin, None if cache is None else cache[i])
+                x, a, zz, l = block(x, cos, sin, None if cache is None else cache[j], where, active)
             aux.append(a)
             z.append(zz)
             load.append(l)
+            return x
+
+        stats = {}
+        if self.mor_router is None:
+            for j in range(len(self.plan)):
+                x = run(j, x)
+        else:
+            for j in range(self.n_first):
+                x = run(j, x)
+            x = self.recursions(x, cos, sin, run, stats)
+            for j in range(self.n_first + self.n_shared * self.cfg.n_recursion, len(self.plan)):
+                x = run(j, x)
         x = self.norm(x)
-        stats = {"aux": torch.stack(aux).mean(), "z": torch.stack(z).mean(), "load": torch.stack(load)}
+        stats.update({"aux": torch.stack(aux).mean(), "z": torch.stack(z).mean(), "load": torch.stack(load)})
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         if targets is None:
             return F.linear(x[:, [-1], :], head), None, stats  # generation needs the last position only
@@ -523,6 +603,53 @@ class GPT(nn.Module):
         logits = F.linear(x, head)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss, stats
+
+    def recursions(self, x, cos, sin, run, stats):
+        """Expert-choice Mixture-of-Recursions over the shared layers. Step r's router scores the tokens still in;
+        gate g = mor_alpha * sigmoid(logit). Training: the top capacity_r x T of them by g go on (hierarchical:
+        only those of step r-1 are candidates), gathered and run alone at their own positions (compute falls with
+        capacity), and become H + g * f(H); the others keep H. A BCE loss teaches each router to say "top-k" by
+        itself (stats["mor_aux"]). Eval and generation: a token goes on while sigmoid(logit) > 0.5, causally (top-k
+        over a sequence would read its future); every token is computed, only those going on are keys."""
+        B, T, d = x.shape
+        caps, W, alpha, m = self.cfg.capacities(), self.mor_router.weight, self.cfg.mor_alpha, self.n_shared
+        topk = self.training if self.mor_topk is None else self.mor_topk
+        first = self.n_first
+        bce, share = [], []
+        if topk:
+            cand = torch.arange(T, device=x.device).expand(B, T)
+            for r, cap in enumerate(caps):
+                xc = x.gather(1, cand[..., None].expand(-1, -1, d))
+                logit = F.linear(xc, W[r:r + 1]).squeeze(-1).float()
+                k = max(1, int(cap * T))
+                top = logit.topk(k, dim=1).indices.sort(dim=1).values  # sigmoid is monotonic: the top g; kept in order
+                bce.append(F.binary_cross_entropy_with_logits(logit, torch.zeros_like(logit).scatter(1, top, 1.0)))
+                where = cand.gather(1, top)  # positions in the sequence
+                h = xc.gather(1, top[..., None].expand(-1, -1, d))
+                out = h
+                for u in range(m):
+                    out = run(first + r * m + u, out, cos[where], sin[where], where)
+                g = alpha * torch.sigmoid(logit.gather(1, top))
+                x = x.scatter(1, where[..., None].expand(-1, -1, d), h + g[..., None].to(h.dtype) * out)
+                cand = where
+                share.append(k / T)
+        else:
+            active = None  # all tokens, until a step with capacity below 1 lets its router decide
+            for r, cap in enumerate(caps):
+                logit = F.linear(x, W[r:r + 1]).squeeze(-1).float()
+                if cap < 1:
+                    active = (logit > 0) if active is None else active & (logit > 0)
+                out = x
+                for u in range(m):
+                    out = run(first + r * m + u, out, active=active)
+                new = x + (alpha * torch.sigmoid(logit))[..., None].to(x.dtype) * out
+                x = new if active is None else torch.where(active[..., None], new, x)
+                share.append(1.0 if active is None else active.float().mean())
+                if active is not None:
+                    bce.append(F.binary_cross_entropy_with_logits(logit, active.float()))
+        stats["mor_aux"] = torch.stack(bce).mean() if bce else x.new_zeros(())
+        stats["mor_share"] = torch.tensor([float(s) for s in share])  # share of tokens through each recursion step
+        return x
 
     def merge_lora(self):
         """Fold every adapter into its weights: a plain model (lora_rank 0) that sample.py and export_hf.py read."""
@@ -555,7 +682,7 @@ class GPT(nn.Module):
                 logits = self(idx[:, -limit:])[0]
             elif cache is None or pos >= limit:  # the prefill (again, past the reach: positions restart at 0)
                 ctx = idx[:, -(limit if cache is None else limit // 2):]
-                cache = [{} for _ in self.layers]
+                cache = [{} for _ in self.plan]  # one per applied layer: a shared block keeps each use's keys
                 logits, pos = self(ctx, cache=cache)[0], ctx.shape[1]
             else:
                 logits = self(idx[:, -1:], cache=cache, pos=pos)[0]
@@ -644,10 +771,20 @@ def param_counts(cfg):
     r = cfg.lora_rank
     shapes = {"q": (d, cfg.n_head * hd), "k": (d, cfg.n_kv_head * hd), "v": (d, cfg.n_kv_head * hd), "o": (cfg.n_head * hd, d), "router": (d, E)}
     lora_expert = r * (d + 2 * I) + r * (I + d) if cfg.lora_on("experts") else 0
-    lora = cfg.n_layer * (sum(r * (i + o) for t, (i, o) in shapes.items() if cfg.lora_on(t)) + E * lora_expert)
-    total = cfg.n_layer * layer + d + embedding + lora
-    active = total - cfg.n_layer * (E - cfg.experts_per_token) * (expert + lora_expert)
-    return {"total": total, "active": active, "embedding": embedding, "lora": lora}
+    blocks = max(cfg.schedule()[0]) + 1  # unique blocks: n_layer unless recursion shares them
+    lora = blocks * (sum(r * (i + o) for t, (i, o) in shapes.items() if cfg.lora_on(t)) + E * lora_expert)
+    mor = d * cfg.n_recursion if cfg.mor_router == "expert" else 0
+    total = blocks * layer + d + embedding + lora + mor
+    active = total - blocks * (E - cfg.experts_per_token) * (expert + lora_expert)
+    return {"total": total, "active": active, "embedding": embedding, "lora": lora, "layer_active": layer - (E - cfg.experts_per_token) * expert}
+
+
+def layer_shares(cfg):
+    """The share of a sequence's tokens that each applied layer computes: 1, or a recursion step's capacity."""
+    plan, (first, m, last) = cfg.schedule()
+    if cfg.mor_router != "expert":
+        return [1.0] * len(plan)
+    return [1.0] * first + [c for c in cfg.capacities() for _ in range(m)] + [1.0] * last
 
 
 def flops_per_token(cfg, seq_len):
@@ -655,11 +792,14 @@ def flops_per_token(cfg, seq_len):
     (the output layer counts, the embedding lookup does not) + attention scores over the context each
     layer really sees (sliding layers see at most sliding_window keys)."""
     n = param_counts(cfg)
-    matmul_params = n["active"] - cfg.vocab_size * cfg.n_embd * (0 if cfg.tie_embeddings else 1)
+    blocks = max(cfg.schedule()[0]) + 1
+    matmul_params = n["active"] - cfg.vocab_size * cfg.n_embd * (0 if cfg.tie_embeddings else 1) - blocks * n["layer_active"]
     attn = 0
-    for i in range(cfg.n_layer):
+    # a recursion step's layers run a capacity's share of the tokens, each against that share of the keys
+    for i, share in zip(cfg.schedule()[0], layer_shares(cfg)):
         ctx = min(seq_len, cfg.sliding_window) if cfg.layer_is_sliding(i) else seq_len
-        attn += 12 * cfg.n_head * cfg.head_dim * ctx
+        attn += 12 * cfg.n_head * cfg.head_dim * ctx * share * share
+        matmul_params += n["layer_active"] * share
     return 6 * matmul_params + attn
 
 
@@ -676,7 +816,8 @@ def activation_elements(cfg, tokens):
     projection inputs. Sliding layers are assumed shorter than the sequence, as they are when training."""
     hp = -(-(cfg.head_dim + 1) // 8) * 8 if cfg.sinks else cfg.head_dim
     H, Hk = cfg.n_head, cfg.n_kv_head
-    sliding = sum(cfg.layer_is_sliding(i) for i in range(cfg.n_layer)) / cfg.n_layer if cfg.sliding_window else 0.0
+    plan = cfg.schedule()[0]
+    sliding = sum(cfg.layer_is_sliding(i) for i in plan) / len(plan) if cfg.sliding_window else 0.0
     attn = (2 if cfg.sinks else 1) * H * hp + 2 * Hk * hp * (1 + sliding) + H
     k, d = cfg.experts_per_token, cfg.n_embd
     per_token = 7 * k * cfg.intermediate_size + 2 * k * d + attn + 6 * d + H * cfg.head_dim
@@ -709,16 +850,17 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
     trained = n["lora"] / world_size if cfg.lora_rank else shard  # a LoRA run: grads and AdamW for the adapters alone
     act_bytes = 4.0 if dtype == "float32" else 3.1
     per_layer = activation_elements(cfg, tokens) * act_bytes
+    applied = sum(layer_shares(cfg))  # layers' worth of tokens: recursion steps compute their capacity's share
     if activation_checkpointing:  # keep each block's input; the block being recomputed holds its tensors and their grads
-        saved = cfg.n_layer * tokens * cfg.n_embd * 4 + 2 * per_layer
+        saved = applied * tokens * cfg.n_embd * 4 + 2 * per_layer
     else:
-        saved = cfg.n_layer * per_layer
+        saved = applied * per_layer
     if loss_chunk:  # fused: one chunk of float logits (turned into probabilities in place), the head's gradient (not for
         head_grad = 0 if cfg.lora_rank else 4 * cfg.vocab_size * cfg.n_embd  # a frozen head), x's
         logits = min(loss_chunk, tokens) * cfg.vocab_size * (4 + (2 if dtype != "float32" else 0)) + head_grad + 4 * tokens * cfg.n_embd
     else:  # whole: the float logits, the log-softmax kept for the backward, and its gradient
         logits = tokens * cfg.vocab_size * (12 + (2 if dtype != "float32" else 0))
-    layer_params = (P - n["embedding"]) / cfg.n_layer
+    layer_params = (P - n["embedding"]) / (max(cfg.schedule()[0]) + 1)
     gathered = 0 if world_size == 1 else layer_params * (2 if device == "cuda" and dtype == "bfloat16" else 4) * 2 + layer_params * 4
     grads = 4 * trained
     if grad_accum_steps > 1 and world_size > 1:

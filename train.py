@@ -83,6 +83,14 @@ lora_rank = 0
 lora_alpha = 16.0
 lora_targets = "q,k,v,o,experts"  # any of q, k, v, o, experts, router
 base_dtype = "float32"  # bfloat16: the frozen base's layer matrices sit in bf16, half their memory (one device)
+# Mixture-of-Recursions (model.GPTConfig says more; README, "Mixture-of-Recursions"): n_layer applied layers from
+# shared blocks run n_recursion times; mor_router expert: each step keeps its top tokens (capacities, gate alpha)
+n_recursion = 1
+recursion_sharing = "middle_cycle"  # cycle | middle_cycle | sequence | middle_sequence
+mor_router = "none"  # none | expert
+mor_capacity = ()  # per step, the share of the sequence kept, e.g. (1.0, 0.5); () = (n_recursion - r) / n_recursion
+mor_alpha = 0.1
+mor_aux_loss_coef = 0.001  # the routers' BCE toward "was in the top-k", so that eval can decide causally
 # router losses: the raw aux is 1.0 at perfect balance. HF GptOss pools layers and its balanced value is
 # experts_per_token, so HF's router_aux_loss_coef c gives the same push as c * experts_per_token here.
 router_aux_loss_coef = 0.01
@@ -309,7 +317,7 @@ def choose_checkpoint(config, model_keys):
     if ckpt:
         with open(os.path.join(ckpt, "config.json")) as f:
             saved = json.load(f)
-        diff = [k for k in model_keys if saved.get(k) != config[k]]
+        diff = [k for k in model_keys if saved.get(k) != json.loads(json.dumps(config[k]))]  # as JSON keeps it: () is []
         if diff:
             raise checkpoint.CheckpointError(
                 f"config error: {ckpt} holds a different model ({', '.join(f'{k} {saved.get(k)} vs {config[k]}' for k in diff)}): "
@@ -366,6 +374,16 @@ def main():
         fail("config error: base_dtype bfloat16 is for one device; under torchrun use dtype=bfloat16, whose gathers are bf16")
     if dist and dt == "float16":
         fail("config error: dtype float16 needs a gradient scaler that FSDP does not share; use bfloat16 or float32")
+    try:
+        GPTConfig.from_dict(config).schedule()
+        if mor_router not in ("none", "expert"):
+            raise ValueError(f"mor_router {mor_router!r} is not one of none, expert")
+        if mor_router == "expert":
+            GPTConfig.from_dict(config).capacities()
+            if recursion_sharing.endswith("sequence") or n_recursion < 2:
+                raise ValueError("mor_router expert routes whole recursions: it needs n_recursion >= 2 and cycle or middle_cycle sharing")
+    except ValueError as e:
+        fail(f"config error: {e}")
     for key in ("n_embd", "intermediate_size"):  # torch._grouped_mm wants 16-byte-aligned rows, in bf16 too
         if config[key] % 8:
             fail(f"config error: {key} {config[key]} is not a multiple of 8, which the experts' grouped matmul needs: "
@@ -531,7 +549,11 @@ def main():
         # than a training step of the same micro batch, never more (an eval OOM hours into a run is the worst kind)
         raw_model.loss_chunk = loss_chunk or block_size
         out = {}
-        for split, loader in (("train", train_eval), ("val", val_data)):
+        runs = [("train", train_eval), ("val", val_data)]
+        if mor_router != "none":  # and with training's top-k over each sequence: the gap is what top-k reads of the future
+            runs.append(("val_topk", val_data))
+        for split, loader in runs:
+            raw_model.mor_topk = True if split == "val_topk" else None
             loader.reset()
             losses = torch.zeros(max(1, eval_iters // world), device=dev)
             hits = torch.zeros(2, device=dev)  # tokens the top guess got right, tokens scored (masked ones are not)
@@ -544,13 +566,14 @@ def main():
             out[split] = all_mean(losses.mean()).item()
             correct, scored = all_sum(hits).tolist()
             out[split + "_acc"] = correct / max(scored, 1)
-        raw_model.loss_chunk = loss_chunk
+        raw_model.loss_chunk, raw_model.mor_topk = loss_chunk, None
         model.train()
         return out
 
     def report_eval(losses):
         print(f"eval {iter_num} | train {losses['train']:.3f} | val {losses['val']:.3f} | val ppl {math.exp(losses['val']):.1f} | "
-              f"val acc {losses['val_acc']:.1%}" + (" (assistant tokens only)" if meta.get("loss_mask") else ""), flush=True)
+              f"val acc {losses['val_acc']:.1%}" + (" (assistant tokens only)" if meta.get("loss_mask") else "")
+              + (f" | val with top-k routing {losses['val_topk']:.3f} (causal: the first)" if "val_topk" in losses else ""), flush=True)
 
     if eval_only:  # score what would be resumed (or init_from's weights) and leave
         report_eval(estimate_loss())
@@ -637,8 +660,8 @@ def main():
             group["lr"] = cur_lr
         loss_sum = torch.zeros((), device=dev)
         aux_sum = torch.zeros((), device=dev)
-        z_sum = torch.zeros((), device=dev)
-        load = torch.zeros(cfg.n_layer, cfg.n_expert, device=dev)
+        z_sum, mor_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        load = torch.zeros(cfg.n_layer, cfg.n_expert, device=dev)  # per applied layer
         for micro in range(accum):
             if test_hook(f"sigterm:micro:{iter_num + 1}.{micro}:{rank}"):
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -654,6 +677,9 @@ def main():
             with ctx:
                 loss, stats = model(x, y)[1:]  # not `_, loss, stats`: that would keep the logits alive through backward
                 total = loss + router_aux_loss_coef * stats["aux"] + router_z_loss_coef * stats["z"]
+                if "mor_aux" in stats:
+                    total = total + mor_aux_loss_coef * stats["mor_aux"]
+                    mor_sum += stats["mor_aux"].detach()
             scaler.scale(total / accum).backward()  # FSDP then averages over ranks: the mean over all micro batches
             loss_sum += loss.detach()
             aux_sum += stats["aux"].detach()
@@ -694,7 +720,7 @@ def main():
             t_last, tokens_since = now, 0
             mfu = flops_per_iter / tokens_per_iter * tok_s / (peak * world) if peak else None
             used, total_mem = memory_gb(dev)
-            auxf, zf = (all_sum(torch.stack([aux_sum, z_sum])) / grad_accum_steps).tolist()
+            auxf, zf, morf = (all_sum(torch.stack([aux_sum, z_sum, mor_sum])) / grad_accum_steps).tolist()
             all_sum(load)
             print(f"iter {iter_num} | loss {lossf:.3f} | aux {auxf:.2f} | z {zf:.2f} | lr {cur_lr:.1e} | gnorm {gnormf:.2f} | "
                   f"{tok_s / 1e3:.1f}k tok/s | mfu {f'{mfu:.0%}' if mfu is not None else '-'} | mem {used:.1f}/{total_mem:.1f} GB | "
@@ -702,6 +728,8 @@ def main():
             record = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": lossf, "aux": auxf, "z": zf, "lr": cur_lr, "gnorm": gnormf,
                       "tok_per_s": tok_s, "mfu": mfu, "mem_gb": used, "time": now, "batch_size": batch_size,
                       "grad_accum_steps": grad_accum_steps, "tokens_per_iter": tokens_per_iter}
+            if mor_router != "none":
+                record["mor_aux"] = morf
             if log_router_stats:
                 share = load / load.sum(dim=1, keepdim=True)
                 record["load"] = share.tolist()  # [layer][expert]: each expert's share of the assignments
@@ -717,6 +745,7 @@ def main():
             best_val_loss = min(best_val_loss, losses["val"])
             report_eval(losses)
             log({"iter": iter_num, "eval": True, "train_loss": losses["train"], "val_loss": losses["val"], "val_acc": losses["val_acc"],
+                 **({"val_loss_topk": losses["val_topk"]} if "val_topk" in losses else {}),
                  "val_ppl": math.exp(losses["val"]), "time": time.time(), "tokens": iter_num * tokens_per_iter})
             if master and plot:
                 plotter = refresh_plot(plotter)

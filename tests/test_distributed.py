@@ -30,13 +30,13 @@ ARGS = [*TINY, "--batch_size=4", "--grad_accum_steps=4", "--log_interval=1", "--
 RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 
 
-def launch(nproc, out, data, max_iters, timeout=300):
+def launch(nproc, out, data, max_iters, timeout=300, extra=()):
     if nproc == 1:
         cmd = [sys.executable, "train.py"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    r = subprocess.run(cmd + ARGS + [f"--data_dir={data}", f"--out_dir={out}", f"--max_iters={max_iters}"], cwd=ROOT,
+    r = subprocess.run(cmd + ARGS + [f"--data_dir={data}", f"--out_dir={out}", f"--max_iters={max_iters}", *extra], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=timeout)
     latest = os.path.join(out, "latest")
     done = os.path.exists(latest) and open(latest).read().strip() == f"ckpt_{max_iters}"
@@ -84,6 +84,22 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     assert one.keys() == two.keys()
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=WEIGHT_ATOL, msg=k)
+
+
+def test_a_routed_recursive_model_on_two_processes_matches_one(runs, tmp_path):
+    """Mixture-of-Recursions under FSDP: one unit per unique block, though the shared one runs twice per forward
+    (and twice in the backward): two processes give one process's losses and weights."""
+    mor = ["--n_layer=4", "--n_recursion=2", "--recursion_sharing=middle_cycle", "--mor_router=expert"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    launch(1, one, runs["data"], 6, extra=mor)
+    launch(2, two, runs["data"], 6, extra=mor)
+    a, b = losses(one), losses(two)
+    for it in range(1, 7):
+        assert a[it] == pytest.approx(b[it], rel=RTOL), (it, a[it], b[it])
+    w1, w2 = weights(os.path.join(one, "ckpt_6")), weights(os.path.join(two, "ckpt_6"))
+    assert "mor_router.weight" in w1 and len({k.split(".")[1] for k in w1 if k.startswith("layers.")}) == 3
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=WEIGHT_ATOL, msg=k)
 
 
 @pytest.mark.parametrize("run", ["b", "c"])  # b: saved by 2 processes, resumed by 1; c: saved by 1, resumed by 2
