@@ -206,12 +206,15 @@ def main():
     if dev_type == "cpu" and dt == torch.float32:  # does bf16 autocast pay on this CPU? (train.py stays fp32 unless it does)
         runners["nanoOSS, bf16 autocast"] = our_step_fn(cfg, dev, torch.autocast("cpu", dtype=torch.bfloat16), use_compile)
         row_peak["nanoOSS, bf16 autocast"] = bf16_peak
-    if hf:
+    if hf and cfg.n_recursion == 1:  # HF has no shared layers
         try:
             runners["HF GptOssForCausalLM"] = hf_step_fn(cfg, dev, ctx, dt)
             row_peak["HF GptOssForCausalLM"] = peak
         except ImportError:
             print("HF: transformers is not installed (pip install transformers): no side-by-side", flush=True)
+    if cfg.mor_router != "none":  # Mixture-of-Recursions: what routing saves against running every recursion
+        runners["same recursion, no routing"] = our_step_fn(replace(cfg, mor_router="none"), dev, ctx, use_compile)
+        row_peak["same recursion, no routing"] = None
     if dense:  # one expert, k x I wide, always chosen: the same active FLOPs with no routing
         dense_cfg = replace(cfg, n_expert=1, experts_per_token=1, intermediate_size=cfg.experts_per_token * cfg.intermediate_size)
         runners["nanoOSS dense, equal FLOPs"] = our_step_fn(dense_cfg, dev, ctx, use_compile)
@@ -233,6 +236,8 @@ def main():
         print(f"nanoOSS vs HF: {med['HF GptOssForCausalLM'] / ours:.2f}x the tokens/s")
     if dense:
         print(f"MoE overhead: {ours / med['nanoOSS dense, equal FLOPs']:.2f} (MoE step time / dense step time)")
+    if "same recursion, no routing" in med:
+        print(f"MoR step time / the same recursion without routing: {ours / med['same recursion, no routing']:.2f}")
     print(f"peak memory of this process (all models): {peak_memory_gb(dev):.2f} GB")
     if layer_T:
         lcfg = replace(cfg, block_size=max(cfg.block_size, layer_T))

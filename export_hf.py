@@ -83,8 +83,9 @@ def config_from_hf(path):
 def hf_config(cfg, eot=None):
     """The HF config.json of our model, every setting explicit: transformers never falls back to its defaults
     (which differ: a missing YaRN truncate reads as true, a missing layer_types as a pattern of its own)."""
-    if getattr(cfg, "n_recursion", 1) != 1:
-        raise BridgeError("this model shares layers across recursion steps with routing, which GptOss cannot represent")
+    if cfg.mor_router != "none":
+        raise BridgeError("this model routes tokens through its recursion steps (mor_router "
+                          f"{cfg.mor_router}), which GptOss cannot represent: only recursion without routing exports")
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     reach = cfg.block_size
     if cfg.rope_scaling_factor > 1.0:
@@ -97,7 +98,7 @@ def hf_config(cfg, eot=None):
             "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "num_local_experts": cfg.n_expert,
             "num_experts_per_tok": cfg.experts_per_token, "experts_per_token": cfg.experts_per_token,
             "intermediate_size": cfg.intermediate_size, "sliding_window": cfg.sliding_window,
-            "layer_types": ["sliding_attention" if cfg.layer_is_sliding(i) else "full_attention" for i in range(cfg.n_layer)],
+            "layer_types": ["sliding_attention" if cfg.layer_is_sliding(i) else "full_attention" for i in cfg.schedule()[0]],
             "swiglu_limit": cfg.swiglu_limit, "swiglu_alpha": cfg.swiglu_alpha, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
             "rope_parameters": rope, "rope_scaling": rope if rope["rope_type"] == "yarn" else None,
             "max_position_embeddings": reach, "initial_context_length": cfg.initial_context_length,
@@ -364,7 +365,14 @@ def export(ckpt, out, dtype=""):
     shutil.rmtree(tmp, ignore_errors=True)  # a killed export's leftovers: ours to remove
     os.makedirs(tmp)
     want = getattr(torch, dtype) if dtype else None
-    tensors = {hf_name(n): (p.detach().to(want) if want else p.detach()).contiguous() for n, p in model.named_parameters()}
+    tensors = {}
+    for n, p in model.named_parameters():  # a shared block is written once per use: an unrolled GptOss, exactly equal
+        t = (p.detach().to(want) if want else p.detach()).contiguous()
+        if n.startswith("layers."):
+            block, rest = n.split(".", 2)[1:]
+            tensors.update({hf_name(f"layers.{j}.{rest}"): t.clone() for j, b in enumerate(model.plan) if b == int(block)})
+        else:
+            tensors[hf_name(n)] = t
     config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     shards, size = [{}], 0
     for name, t in tensors.items():

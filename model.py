@@ -901,7 +901,7 @@ if __name__ == "__main__":  # python model.py config/8b_moe.py: counts and memor
     print(f"parameters: {n['total']:,} total | {n['active']:,} active per token | {n['active'] - n['embedding']:,} active "
           f"without the embedding and output matrices ({n['embedding']:,})")
     B, T = settings.get("batch_size", 8), settings.get("block_size", cfg.block_size)
-    dtype = settings.get("dtype", "float32")
+    dtype = settings.get("dtype", "auto")  # train.py's default
     for device, world in (("cpu", 1), ("cuda", 1), ("cuda", 8)):
         dt = "bfloat16" if device == "cuda" and dtype in ("auto", "bfloat16") else "float32" if dtype == "auto" else dtype
         m = memory_estimate(cfg, B, T, dt, world, device, settings.get("activation_checkpointing", False),

@@ -77,10 +77,12 @@ def main():
         CONFIGS["mac_micro, LoRA rank 8 on q,k,v,o,experts (frozen base)"] = lora
         CONFIGS["LoRA, batch 8 x 512, no accumulation (config/finetune_mac.py's shape)"] = {**lora, "batch_size": 8, "grad_accum_steps": 1}
         CONFIGS["LoRA, batch 2 x 1024"] = {**lora, "batch_size": 2, "block_size": 1024}
+        CONFIGS["LoRA, batch 8 x 512, base_dtype bfloat16"] = {**lora, "batch_size": 8, "grad_accum_steps": 1, "base_dtype": "bfloat16"}
     for name, s in ((n, s) for n, s in CONFIGS.items() if only in n):
         cfg = GPTConfig.from_dict(s)
         est = memory_estimate(cfg, s["batch_size"], s["block_size"], dt, 1, device.split(":")[0],
-                              s.get("activation_checkpointing", False), s.get("loss_chunk", 512), s.get("grad_accum_steps", 1))["total"]
+                              s.get("activation_checkpointing", False), s.get("loss_chunk", 512), s.get("grad_accum_steps", 1),
+                              base_dtype=s.get("base_dtype", "float32"))["total"]
         with tempfile.TemporaryDirectory() as out:
             got = measure(s, out)
         print(f"| {name} | {est / 1e9:.2f} | {got / 1e9:.2f} | {est / got:.2f} |", flush=True)

@@ -152,3 +152,26 @@ def test_bad_recursion_settings_are_one_line(tmp_path, data_dir):
                       (["--n_layer=4", "--n_recursion=2", "--mor_router=token"], "not one of none, expert")):
         r = run_script("train.py", *TINY, *bad, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'x'}", "--max_iters=1")
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
+
+
+def test_a_recursive_model_exports_unrolled_to_transformers_and_a_routed_one_is_refused(tmp_path, data_dir):
+    transformers = pytest.importorskip("transformers")
+    from sample import load_model
+
+    common = [*TINY, "--n_layer=4", "--n_recursion=2", f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=0"]
+    rec, routed_run = str(tmp_path / "rec"), str(tmp_path / "routed")
+    assert run_script("train.py", *common, f"--out_dir={rec}").returncode == 0
+    r = run_script("export_hf.py", f"--ckpt={rec}", f"--out={tmp_path / 'hf'}")
+    assert r.returncode == 0, r.stderr
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32,
+                                                                 attn_implementation="eager", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and hf.config.num_hidden_layers == 4
+    ours, _ = load_model(rec)
+    ours.loss_chunk = 0
+    idx = torch.randint(0, 4097, (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx, idx)[0], atol=1e-5, rtol=1e-5)
+    assert run_script("train.py", *common, "--mor_router=expert", f"--out_dir={routed_run}").returncode == 0
+    r = run_script("export_hf.py", f"--ckpt={routed_run}", f"--out={tmp_path / 'hf2'}")
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "routes tokens" in r.stderr, r.stderr
+    assert not (tmp_path / "hf2").exists()
