@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # model.py and configurator.py live one folder up
 
 data_dir = "data/stdlib_4k"
-iters = 300  # the vanilla model's steps; the others get its FLOPs
+iters = 200  # the vanilla model's steps; the others get its FLOPs
 out = "bench/mor_study"  # .md and .png
 
 SHAPE = dict(n_layer=8, n_embd=192, n_head=6, n_kv_head=2, head_dim=32, n_expert=4, experts_per_token=2, intermediate_size=384,

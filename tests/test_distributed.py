@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, TINY, write_data_dir
+from conftest import ROOT, TINY, full_only, write_data_dir
 
 # same-batch comparisons: each optimizer step sees the same four micro batches of 4 x 64 tokens whether one
 # process runs all four or two processes run two each; only the order of float additions differs
@@ -86,6 +86,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
         torch.testing.assert_close(two[k], one[k], rtol=0, atol=WEIGHT_ATOL, msg=k)
 
 
+@full_only
 def test_a_routed_recursive_model_on_two_processes_matches_one(runs, tmp_path):
     """Mixture-of-Recursions under FSDP: one unit per unique block, though the shared one runs twice per forward
     (and twice in the backward): two processes give one process's losses and weights."""

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY, run_script
+from conftest import TINY, full_only, run_script
 from test_train import read_log, start, tree_digest
 
 
@@ -68,3 +68,24 @@ def test_a_changed_base_or_another_rank_is_one_line(tmp_path, base, data_dir):
     r = run_script("train.py", *finetune_args(changed, data_dir, out))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "differs from the one the adapters" in r.stderr, r.stderr
     assert tree_digest(out) == before
+
+
+@full_only
+def test_a_finetune_killed_with_sigkill_resumes_bit_identically(tmp_path, base, data_dir):
+    """kill -9 (no handler, no save) after the fine-tune's first checkpoint, in the middle of later steps: the
+    rerun resumes from the adapters on disk and ends with the uninterrupted run's losses, step for step."""
+    import time
+
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    assert run_script("train.py", *finetune_args(base, data_dir, ref)).returncode == 0
+    p = start(finetune_args(base, data_dir, cut))
+    log = os.path.join(cut, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log) and len(open(log).readlines()) >= 8):
+        time.sleep(0.02)
+    p.kill()
+    p.communicate()
+    assert open(os.path.join(cut, "latest")).read() == "ckpt_6"  # killed between saves: steps 7.. are lost on disk
+    r = run_script("train.py", *finetune_args(base, data_dir, cut))
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr
+    assert [x["loss"] for x in read_log(ref)] == [x["loss"] for x in read_log(cut)]

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import TINY, run_script
+from conftest import TINY, full_only, run_script
 from model import GPT, GPTConfig, flops_per_token, layer_shares, param_counts
 
 
@@ -127,6 +127,7 @@ def test_flops_and_memory_count_the_capacities():
     assert param_counts(rec)["total"] < param_counts(plain)["total"]
 
 
+@full_only
 def test_train_resumes_a_routed_run_bit_identically_after_sigterm(tmp_path, data_dir):
     from test_train import read_log, start
 
@@ -154,6 +155,7 @@ def test_bad_recursion_settings_are_one_line(tmp_path, data_dir):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
 
 
+@full_only
 def test_a_recursive_model_exports_unrolled_to_transformers_and_a_routed_one_is_refused(tmp_path, data_dir):
     transformers = pytest.importorskip("transformers")
     from sample import load_model

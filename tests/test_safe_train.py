@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY, stdlib_docstrings, write_data_dir
+from conftest import ROOT, TINY, full_only, stdlib_docstrings, write_data_dir
 
 # a model whose activations dominate its memory, so halving the micro batch really halves the need
 SHAPE = dict(n_layer=2, n_embd=128, n_head=4, n_kv_head=2, head_dim=32, n_expert=4, experts_per_token=2,
@@ -200,6 +200,7 @@ def test_on_cuda_the_estimate_meets_gpu_memory_not_host_ram_simulated_gpu(monkey
     assert "GPU memory" in report["error"] and "even micro batch 1" in report["error"]  # refused before any model is built
 
 
+@full_only
 def test_the_finetune_example_runs_to_the_end_under_a_budget_that_forces_one_memory_stop(tmp_path, data):
     """`python safe_train.py config/finetune_mac.py`, as the README gives it, on a small real base and the real
     stdlib_api set (at the tests' 4k vocabulary): stopped once at the memory line, resumed at half the micro
