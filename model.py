@@ -868,14 +868,14 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
             grads += trained * world_size * 4  # whole gradients, in the fp32 reduce dtype
     elif grad_accum_steps > 1:
         grads += 8 * trained
-    # The backward's gradients and the allocator's slack come on top of the saved tensors: 1.3x. On the host
-    # heap the slack of freed activations stays (it cannot shrink round live blocks): a step leaves about 2.35x
-    # the saved bytes behind, which gradients and AdamW moments allocated later move into. So the peak is the
-    # larger of the two (fitted on CPU, bench/memory.py: a LoRA run, with almost no such state, needs the
-    # second). CUDA's caching allocator reuses its blocks: not measured here, the first alone.
+    # The backward's gradients and the allocator's slack come on top of the saved tensors: 1.3x. The host heap
+    # also keeps about 0.7 GB of freed activations it cannot give back (it cannot shrink round live blocks), which
+    # gradients and AdamW moments allocated later move into: a full run hides it, a LoRA run (almost no such
+    # state) shows it. Fitted on CPU with bench/memory.py; CUDA's caching allocator reuses its blocks: not
+    # measured here, left out.
     activations = 1.3 * saved
     if device != "cuda":
-        activations = max(activations, 2.35 * saved - grads - 8 * trained)
+        activations += max(0.0, 0.7e9 - grads - 8 * trained)
     weights = 4 * shard
     if cfg.lora_rank and base_dtype == "bfloat16":  # train.py keeps the frozen layers' matrices in bf16
         weights -= 2 * (P - n["embedding"] - n["lora"])
