@@ -195,27 +195,20 @@ def attention(q, k, v, sinks, window, causal=True, mask=None):
     B, T, H, D = q.shape
     scale = 1.0 / math.sqrt(D)
     gqa = k.shape[2] != H
-    if mask is not None:  # [B, T, S]: who sees whom, given (recursion: tokens by position, or only those still active)
-        if sinks is None:
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None],
-                                               scale=scale, enable_gqa=gqa)
-            return y.transpose(1, 2)
-        mask = torch.cat([mask.new_ones(B, T, 1), mask], dim=-1)  # the sink is seen by all
-        qs, ks, vs = padded(q, T, 0, sinks / scale), padded(k, k.shape[1] + 1, 1, "key"), padded(v, v.shape[1] + 1, 1)
-        y = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), attn_mask=mask[:, None],
-                                           scale=scale, enable_gqa=gqa)
-        return y.transpose(1, 2)[..., :D]
-    if causal and window is not None and window < T:
+    if mask is None and causal and window is not None and window < T:
         return sliding_attention(q, k, v, sinks, window, scale)
+    causal = causal and mask is None  # a given mask [B, T, S] says who sees whom instead (MoR: positions, active keys)
     if sinks is None:
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-                                           scale=scale, enable_gqa=gqa)
+                                           attn_mask=None if mask is None else mask[:, None], scale=scale, enable_gqa=gqa)
         return y.transpose(1, 2)
     lead = 1 if causal else 0  # a dummy query row first, so that is_causal lines up: query i+1 sees the sink and 0..i
+    if mask is not None:
+        mask = torch.cat([mask.new_ones(B, T, 1), mask], dim=-1)[:, None]  # the sink is seen by all
     qs = padded(q, T + lead, lead, sinks / scale)
     ks, vs = padded(k, k.shape[1] + 1, 1, "key"), padded(v, v.shape[1] + 1, 1)  # the sink key and its zero value first
     y = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), is_causal=causal,
-                                       scale=scale, enable_gqa=gqa)
+                                       attn_mask=mask, scale=scale, enable_gqa=gqa)
     return y.transpose(1, 2)[:, lead:, :, :D]
 
 
