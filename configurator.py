@@ -98,6 +98,21 @@ def parse(argv, defaults):
     return out
 
 
+def script_defaults(path):
+    """A script's settings (its top-level assignments of plain values), read from its source without running it:
+    what another script checks a config against (safe_train.py, model.py against train.py's)."""
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                out[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return out
+
+
 def configure(scope, argv=None, keys=None):
     """Apply sys.argv[1:] to the dict `scope` (a script's globals()); exit with one line on bad input.
     keys: the names that count as settings (default: every plain-valued global not starting with _)."""

@@ -50,7 +50,8 @@ class GPTConfig:
     # n_recursion times in a row), middle_cycle / middle_sequence (the first and last layers unshared).
     # mor_router: none (every token takes every recursion) | expert (each recursion step's router keeps the top
     # tokens of the sequence: capacity = a share of T per step, () = (n_recursion - r) / n_recursion; gate
-    # mor_alpha * sigmoid(logit); eval and generation decide by sigmoid > 0.5 instead, causally)
+    # mor_alpha * sigmoid(logit); eval and generation decide by sigmoid > 0.5 instead, causally) | token (one
+    # router picks each token's depth as it enters, softmax over n_recursion; the same in training and eval)
     n_recursion: int = 1
     recursion_sharing: str = "middle_cycle"
     mor_router: str = "none"
@@ -72,9 +73,10 @@ class GPTConfig:
         return [0] * outer + shared + [outer + m] * outer, (outer, m, outer)
 
     def capacities(self):
-        """Share of the sequence each recursion step keeps (expert-choice routing)."""
+        """Share of the sequence each recursion step keeps: expert-choice's capacities; for token-choice, the even
+        split of depths that its balancing loss aims at."""
         N = self.n_recursion
-        caps = [float(c) for c in self.mor_capacity] or [(N - r) / N for r in range(N)]
+        caps = (self.mor_router == "expert" and [float(c) for c in self.mor_capacity]) or [(N - r) / N for r in range(N)]
         if len(caps) != N or any(not 0 < c <= 1 for c in caps) or caps != sorted(caps, reverse=True):
             raise ValueError(f"mor_capacity {tuple(self.mor_capacity)}: {N} shares in (0, 1], none larger than the one before")
         return caps
@@ -505,8 +507,9 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.plan, (self.n_first, self.n_shared, _) = cfg.schedule()  # the unique block of each applied layer
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(max(self.plan) + 1))
-        # expert-choice recursion routers: one logit per token per recursion step (row r of the weight)
-        self.mor_router = nn.Linear(cfg.n_embd, cfg.n_recursion, bias=False) if cfg.mor_router == "expert" else None
+        # recursion routers: expert-choice, one logit per token per recursion step (row r of the weight);
+        # token-choice, one logit per depth
+        self.mor_router = nn.Linear(cfg.n_embd, cfg.n_recursion, bias=False) if cfg.mor_router != "none" else None
         self.mor_topk = None  # None: top-k while training, the causal threshold otherwise; True / False force one
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         # tied: the head reads embed_tokens.weight directly, so there is one parameter, not two sharing a
@@ -604,6 +607,8 @@ class GPT(nn.Module):
         capacity), and become H + g * f(H); the others keep H. A BCE loss teaches each router to say "top-k" by
         itself (stats["mor_aux"]). Eval and generation: a token goes on while sigmoid(logit) > 0.5, causally (top-k
         over a sequence would read its future); every token is computed, only those going on are keys."""
+        if self.cfg.mor_router == "token":
+            return self.token_recursions(x, cos, sin, run, stats)
         B, T, d = x.shape
         caps, W, alpha, m = self.cfg.capacities(), self.mor_router.weight, self.cfg.mor_alpha, self.n_shared
         topk = self.training if self.mor_topk is None else self.mor_topk
@@ -643,6 +648,49 @@ class GPT(nn.Module):
         stats["mor_aux"] = torch.stack(bce).mean() if bce else x.new_zeros(())
         stats["mor_share"] = torch.tensor([float(s) for s in share])  # share of tokens through each recursion step
         return x
+
+    def token_recursions(self, x, cos, sin, run, stats):
+        """Token-choice Mixture-of-Recursions: the router reads each token as it enters the shared layers and picks
+        its depth, 1..n_recursion, by softmax (p: the chosen depth's probability). A token runs that many steps and
+        leaves as H + p * f^depth(H), f being the shared layers' whole output, as in the paper's code. The choice is
+        the token's own, so training, eval and generation route alike (causal). Training gathers the tokens still
+        going at each step, padded to the longest row with a zero state at position T (after every real position,
+        so no real token sees it; its rows reach the MoE's router counts too); eval and generation compute every
+        token and keep only those going on as keys, the way the KV cache wants. Losses: the MoE balancing loss
+        over depths (stats["mor_aux"], 1 when even) and the z-loss (stats["mor_z"])."""
+        B, T, d = x.shape
+        N, m, first = self.cfg.n_recursion, self.n_shared, self.n_first
+        logits = self.mor_router(x).float()
+        probs = logits.softmax(-1)
+        p, depth = probs.max(-1)  # depth 0..N-1: the token takes recursion steps 0..depth
+        h, share = x, []
+        for r in range(N):
+            going = depth >= r
+            share.append(going.float().mean())
+            layers = range(first + r * m, first + (r + 1) * m)
+            if r == 0:  # every token takes the first step: the whole sequence, on the contiguous kernels
+                for j in layers:
+                    h = run(j, h)
+            elif self.training:
+                i = torch.arange(T, device=x.device).expand(B, T)
+                n = max(1, int(going.sum(1).max()))  # the longest row; the others padded
+                where = torch.where(going, i, T + i).sort(1).values[:, :n].clamp(max=T)  # going first, in order; pads at T
+                hp = torch.cat([h, h.new_zeros(B, 1, d)], dim=1)
+                idx = where[..., None].expand(-1, -1, d)
+                out, at = hp.gather(1, idx), where.clamp(max=T - 1)  # a pad's RoPE angle does not matter: no real token sees it
+                for j in layers:
+                    out = run(j, out, cos[at], sin[at], where)
+                h = hp.scatter(1, idx, out)[:, :T]
+            else:
+                out = h
+                for j in layers:
+                    out = run(j, out, active=going)
+                h = torch.where(going[..., None], out, h)
+        frac = F.one_hot(depth, N).float().mean(dim=(0, 1))  # share of tokens at each depth
+        stats["mor_aux"] = N * (frac * probs.mean(dim=(0, 1))).sum()
+        stats["mor_z"] = torch.logsumexp(logits, dim=-1).square().mean()
+        stats["mor_share"] = torch.tensor([float(s) for s in share])
+        return x + p[..., None].to(x.dtype) * h
 
     def merge_lora(self):
         """Fold every adapter into its weights: a plain model (lora_rank 0) that sample.py and export_hf.py read."""
@@ -766,7 +814,7 @@ def param_counts(cfg):
     lora_expert = r * (d + 2 * I) + r * (I + d) if cfg.lora_on("experts") else 0
     blocks = max(cfg.schedule()[0]) + 1  # unique blocks: n_layer unless recursion shares them
     lora = blocks * (sum(r * (i + o) for t, (i, o) in shapes.items() if cfg.lora_on(t)) + E * lora_expert)
-    mor = d * cfg.n_recursion if cfg.mor_router == "expert" else 0
+    mor = d * cfg.n_recursion if cfg.mor_router != "none" else 0
     total = blocks * layer + d + embedding + lora + mor
     active = total - blocks * (E - cfg.experts_per_token) * (expert + lora_expert)
     return {"total": total, "active": active, "embedding": embedding, "lora": lora, "layer_active": layer - (E - cfg.experts_per_token) * expert}
@@ -775,7 +823,7 @@ def param_counts(cfg):
 def layer_shares(cfg):
     """The share of a sequence's tokens that each applied layer computes: 1, or a recursion step's capacity."""
     plan, (first, m, last) = cfg.schedule()
-    if cfg.mor_router != "expert":
+    if cfg.mor_router == "none":
         return [1.0] * len(plan)
     return [1.0] * first + [c for c in cfg.capacities() for _ in range(m)] + [1.0] * last
 
@@ -879,14 +927,20 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
     return parts
 
 
-if __name__ == "__main__":  # python model.py config/8b_moe.py: counts and memory per device, on the meta device
-    import runpy
+if __name__ == "__main__":  # python model.py config/8b_moe.py [--key=value]: counts and memory, on the meta device
+    import os
     import sys
 
-    settings = {}
-    for path in sys.argv[1:]:
-        settings.update(runpy.run_path(path))
-    cfg = GPTConfig.from_dict(settings)
+    from configurator import ConfigError, parse, script_defaults
+
+    settings = script_defaults(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"))
+    try:
+        settings.update(parse(sys.argv[1:], settings))  # train.py's settings: its config files and overrides
+        cfg = GPTConfig.from_dict(settings)
+        cfg.schedule(), cfg.capacities()
+    except (ConfigError, ValueError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)  # bad input, as train.py says it
     with torch.device("meta"):
         built = sum(p.numel() for p in GPT(cfg).parameters())
     n = param_counts(cfg)

@@ -20,7 +20,6 @@ and MPS gets a memory cap below the budget. Logs: out_dir/safe_training.log, out
 The supervisor itself never imports torch (it would hold a few hundred MB for the whole run): preflight's
 torch work runs in a child process.
 """
-import ast
 import json
 import os
 import shutil
@@ -58,20 +57,6 @@ class Refused(Exception):
 
 
 # ----------------------------------------------------------------------------- arguments
-
-def train_defaults(path):
-    """train.py's settings, read from its source (nothing imports train.py)."""
-    with open(path) as f:
-        tree = ast.parse(f.read())
-    out = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                out[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
-    return out
-
 
 def split_args(argv):
     """(the supervisor's --key=value settings, everything else for train.py, check_only)."""
@@ -290,7 +275,7 @@ def main(argv):
     import threading
 
     import checkpoint
-    from configurator import ConfigError, parse
+    from configurator import ConfigError, parse, script_defaults
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ:
         raise Refused("safe_train.py watches one training process on one machine and does not supervise torchrun: "
@@ -299,7 +284,7 @@ def main(argv):
     try:
         for k, v in parse([f"--{k}={v}" for k, v in mine.items()], SETTINGS).items():
             globals()[k] = v
-        defaults = train_defaults(os.path.join(HERE, train_script)) if train_script == "train.py" else {}
+        defaults = script_defaults(os.path.join(HERE, train_script)) if train_script == "train.py" else {}
         config = {**defaults, **parse(train_args, defaults)} if defaults else {"out_dir": "out"}
     except ConfigError as e:
         raise Refused(f"config error: {e}")

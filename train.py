@@ -84,13 +84,17 @@ lora_alpha = 16.0
 lora_targets = "q,k,v,o,experts"  # any of q, k, v, o, experts, router
 base_dtype = "float32"  # bfloat16: the frozen base's layer matrices sit in bf16, half their memory (one device)
 # Mixture-of-Recursions (model.GPTConfig says more; README, "Mixture-of-Recursions"): n_layer applied layers from
-# shared blocks run n_recursion times; mor_router expert: each step keeps its top tokens (capacities, gate alpha)
+# shared blocks run n_recursion times; mor_router expert: each step keeps its top tokens (capacities, gate alpha);
+# token: each token's depth is picked as it enters (a balancing loss keeps the depths used)
 n_recursion = 1
 recursion_sharing = "middle_cycle"  # cycle | middle_cycle | sequence | middle_sequence
-mor_router = "none"  # none | expert
-mor_capacity = ()  # per step, the share of the sequence kept, e.g. (1.0, 0.5); () = (n_recursion - r) / n_recursion
-mor_alpha = 0.1
-mor_aux_loss_coef = 0.001  # the routers' BCE toward "was in the top-k", so that eval can decide causally
+mor_router = "none"  # none | expert | token
+mor_capacity = ()  # expert: per step, the share of the sequence kept, e.g. (1.0, 0.5); () = (n_recursion - r) / n_recursion
+mor_alpha = 0.1  # expert: the gate's scale (token-choice's gate is its softmax probability)
+# expert: the routers' BCE toward "was in the top-k", so that eval can decide causally (the paper's 0.001);
+# token: the balancing loss over depths (the paper's 0.1). None: the paper's value for the router in use
+mor_aux_loss_coef = None
+mor_z_loss_coef = 0.001  # token: the router's z-loss
 # router losses: the raw aux is 1.0 at perfect balance. HF GptOss pools layers and its balanced value is
 # experts_per_token, so HF's router_aux_loss_coef c gives the same push as c * experts_per_token here.
 router_aux_loss_coef = 0.01
@@ -376,14 +380,19 @@ def main():
         fail("config error: dtype float16 needs a gradient scaler that FSDP does not share; use bfloat16 or float32")
     try:
         GPTConfig.from_dict(config).schedule()
-        if mor_router not in ("none", "expert"):
-            raise ValueError(f"mor_router {mor_router!r} is not one of none, expert")
+        if mor_router not in ("none", "expert", "token"):
+            raise ValueError(f"mor_router {mor_router!r} is not one of none, expert, token")
+        if mor_router != "none" and (recursion_sharing.endswith("sequence") or n_recursion < 2):
+            raise ValueError(f"mor_router {mor_router} routes whole recursions: it needs n_recursion >= 2 and cycle or middle_cycle sharing")
         if mor_router == "expert":
             GPTConfig.from_dict(config).capacities()
-            if recursion_sharing.endswith("sequence") or n_recursion < 2:
-                raise ValueError("mor_router expert routes whole recursions: it needs n_recursion >= 2 and cycle or middle_cycle sharing")
+        if mor_router == "token" and mor_capacity:
+            raise ValueError("mor_capacity is for mor_router expert: token-choice routers pick each token's depth themselves")
+        if not isinstance(mor_aux_loss_coef, (int, float, type(None))):
+            raise ValueError(f"mor_aux_loss_coef {mor_aux_loss_coef!r} is not a number (or None: the paper's for the router)")
     except ValueError as e:
         fail(f"config error: {e}")
+    mor_coef = {"expert": 0.001, "token": 0.1}.get(mor_router, 0.0) if mor_aux_loss_coef is None else mor_aux_loss_coef
     for key in ("n_embd", "intermediate_size"):  # torch._grouped_mm wants 16-byte-aligned rows, in bf16 too
         if config[key] % 8:
             fail(f"config error: {key} {config[key]} is not a multiple of 8, which the experts' grouped matmul needs: "
@@ -550,7 +559,7 @@ def main():
         raw_model.loss_chunk = loss_chunk or block_size
         out = {}
         runs = [("train", train_eval), ("val", val_data)]
-        if mor_router != "none":  # and with training's top-k over each sequence: the gap is what top-k reads of the future
+        if mor_router == "expert":  # and with training's top-k over each sequence: the gap is what top-k reads of the future
             runs.append(("val_topk", val_data))
         for split, loader in runs:
             raw_model.mor_topk = True if split == "val_topk" else None
@@ -660,7 +669,8 @@ def main():
             group["lr"] = cur_lr
         loss_sum = torch.zeros((), device=dev)
         aux_sum = torch.zeros((), device=dev)
-        z_sum, mor_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
+        z_sum, mor_sum = torch.zeros((), device=dev), torch.zeros(2, device=dev)  # MoR: router loss, z-loss (token)
+        mor_share = torch.zeros(n_recursion)  # share of tokens through each recursion step (this rank's)
         load = torch.zeros(cfg.n_layer, cfg.n_expert, device=dev)  # per applied layer
         for micro in range(accum):
             if test_hook(f"sigterm:micro:{iter_num + 1}.{micro}:{rank}"):
@@ -678,8 +688,10 @@ def main():
                 loss, stats = model(x, y)[1:]  # not `_, loss, stats`: that would keep the logits alive through backward
                 total = loss + router_aux_loss_coef * stats["aux"] + router_z_loss_coef * stats["z"]
                 if "mor_aux" in stats:
-                    total = total + mor_aux_loss_coef * stats["mor_aux"]
-                    mor_sum += stats["mor_aux"].detach()
+                    mor_z = stats.get("mor_z", torch.zeros((), device=dev))
+                    total = total + mor_coef * stats["mor_aux"] + mor_z_loss_coef * mor_z
+                    mor_sum += torch.stack([stats["mor_aux"], mor_z]).detach()
+                    mor_share += stats["mor_share"] / accum
             scaler.scale(total / accum).backward()  # FSDP then averages over ranks: the mean over all micro batches
             loss_sum += loss.detach()
             aux_sum += stats["aux"].detach()
@@ -720,16 +732,20 @@ def main():
             t_last, tokens_since = now, 0
             mfu = flops_per_iter / tokens_per_iter * tok_s / (peak * world) if peak else None
             used, total_mem = memory_gb(dev)
-            auxf, zf, morf = (all_sum(torch.stack([aux_sum, z_sum, mor_sum])) / grad_accum_steps).tolist()
+            auxf, zf, morf, morzf = (all_sum(torch.cat([torch.stack([aux_sum, z_sum]), mor_sum])) / grad_accum_steps).tolist()
             all_sum(load)
-            print(f"iter {iter_num} | loss {lossf:.3f} | aux {auxf:.2f} | z {zf:.2f} | lr {cur_lr:.1e} | gnorm {gnormf:.2f} | "
+            # MoR: the router's loss and the share of tokens through each recursion step
+            mor = f" | mor {morf:.3f} ({'/'.join(f'{v:.2f}' for v in mor_share.tolist())})" if mor_router != "none" else ""
+            print(f"iter {iter_num} | loss {lossf:.3f} | aux {auxf:.2f} | z {zf:.2f}{mor} | lr {cur_lr:.1e} | gnorm {gnormf:.2f} | "
                   f"{tok_s / 1e3:.1f}k tok/s | mfu {f'{mfu:.0%}' if mfu is not None else '-'} | mem {used:.1f}/{total_mem:.1f} GB | "
                   f"eta {duration(eta_s())}", flush=True)
             record = {"iter": iter_num, "tokens": iter_num * tokens_per_iter, "loss": lossf, "aux": auxf, "z": zf, "lr": cur_lr, "gnorm": gnormf,
                       "tok_per_s": tok_s, "mfu": mfu, "mem_gb": used, "time": now, "batch_size": batch_size,
                       "grad_accum_steps": grad_accum_steps, "tokens_per_iter": tokens_per_iter}
             if mor_router != "none":
-                record["mor_aux"] = morf
+                record["mor_aux"], record["mor_share"] = morf, [round(s, 4) for s in mor_share.tolist()]
+            if mor_router == "token":
+                record["mor_z"] = morzf
             if log_router_stats:
                 share = load / load.sum(dim=1, keepdim=True)
                 record["load"] = share.tolist()  # [layer][expert]: each expert's share of the assignments

@@ -1,6 +1,7 @@
 """
 Mixture-of-Recursions at equal training FLOPs, on this CPU: a vanilla model of L layers, the same depth from
-shared blocks (middle-cycle, N_r = 2, no routing), and expert-choice MoR with N_r = 2 and 3. Every run gets the
+shared blocks (middle-cycle, N_r = 2, no routing), expert-choice MoR with N_r = 2 and 3, and token-choice MoR
+with N_r = 3 (its depths' even split costs what expert-choice's capacities do). Every run gets the
 FLOPs of `iters` steps of the vanilla model (model.flops_per_token counts the capacities), so MoR runs take more
 steps of fewer FLOPs. Reported: val loss with the causal threshold (what generation does) and with training's
 top-k (the gap is top-k reading the future), unique parameters, tokens/s, peak resident memory.
@@ -26,6 +27,7 @@ RUNS = {
     "recursive, middle-cycle, N_r=2": dict(n_recursion=2, recursion_sharing="middle_cycle"),
     "MoR expert-choice, N_r=2": dict(n_recursion=2, recursion_sharing="middle_cycle", mor_router="expert"),
     "MoR expert-choice, N_r=3": dict(n_recursion=3, recursion_sharing="middle_cycle", mor_router="expert"),
+    "MoR token-choice, N_r=3": dict(n_recursion=3, recursion_sharing="middle_cycle", mor_router="token"),
 }
 
 
@@ -66,12 +68,14 @@ def main():
         speeds = [r["tok_per_s"] for r in log if "loss" in r][1:]  # the first interval holds the warm-up
         fpt = flops_per_token(cfg, T)
         curves[name] = [(r["tokens"] * fpt, r["loss"]) for r in log if "loss" in r]
-        rows.append((name, param_counts(cfg)["total"], steps, ev["val_loss"], ev.get("val_loss_topk"), sum(speeds) / len(speeds), peak))
+        share = [r for r in log if "loss" in r][-1].get("mor_share")  # token-choice: what the router really sent
+        rows.append((name, param_counts(cfg)["total"], steps, ev["val_loss"], ev.get("val_loss_topk"), sum(speeds) / len(speeds), peak,
+                     "/".join(f"{v:.2f}" for v in share) if share else "-"))
         print(f"{name}: {steps} steps, val {ev['val_loss']:.3f}", flush=True)
-    table = ["| model | unique parameters | steps (equal FLOPs) | val loss, causal | val loss, top-k | tokens/s | peak memory (GB) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, n, steps, val, topk, tps, peak in rows:
-        table.append(f"| {name} | {n / 1e6:.2f}M | {steps} | {val:.3f} | {f'{topk:.3f}' if topk else '-'} | {tps:,.0f} | {peak / 1e9:.2f} |")
+    table = ["| model | unique parameters | steps (equal FLOPs) | val loss, causal | val loss, top-k | tokens/s | peak memory (GB) | "
+             "tokens through each step, last step |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, n, steps, val, topk, tps, peak, share in rows:
+        table.append(f"| {name} | {n / 1e6:.2f}M | {steps} | {val:.3f} | {f'{topk:.3f}' if topk else '-'} | {tps:,.0f} | {peak / 1e9:.2f} | {share} |")
     text = "\n".join(table)
     print(text)
     with open(out + ".md", "w") as f:

@@ -119,6 +119,79 @@ def test_kv_cache_generation_of_a_routed_model_equals_rerunning_the_context():
     assert torch.equal(m.generate(prompt, 25, temperature=0), m.generate(prompt, 25, temperature=0, use_cache=False))
 
 
+def token_routed(seed=0):
+    torch.manual_seed(seed)
+    m = GPT(cfg(n_layer=5, n_recursion=3, mor_router="token", block_size=128))
+    with torch.no_grad():
+        m.mor_router.weight.normal_(0, 1.0)  # every depth chosen by some tokens
+        for b in m.layers:
+            b.self_attn.sinks.normal_()
+    return m
+
+
+def test_token_choice_runs_each_token_its_own_depth_in_training_and_eval():
+    """recursions() with the shared layer replaced by f(h) = h + 1: a token of depth d leaves as x + p (x + d), in
+    training (gathered, padded) and in eval (masked) alike; step r computes the tokens of depth >= r only."""
+    m = token_routed()
+    B, T = 3, 30
+    x = torch.randn(B, T, 32)
+    probs = (x @ m.mor_router.weight.T).softmax(-1)
+    p, depth = probs.max(-1)
+    assert set(depth.flatten().tolist()) == {0, 1, 2}
+    for training in (True, False):
+        m.train(training)
+        calls = []
+
+        def run(j, h, cos=None, sin=None, where=None, active=None):
+            calls.append((j, where, active))
+            return h + 1
+
+        out = m.recursions(x, m.rope_cos[:T], m.rope_sin[:T], run, stats := {})
+        torch.testing.assert_close(out, x + p[..., None] * (x + depth[..., None] + 1))
+        assert [c[0] for c in calls] == [1, 2, 3]
+        for r, (_, where, active) in enumerate(calls[1:], 1):
+            going = depth >= r
+            if training:  # the tokens going on, in order, then pads at position T
+                for b in range(B):
+                    n = int(going[b].sum())
+                    assert where[b, :n].tolist() == going[b].nonzero().flatten().tolist() and (where[b, n:] == T).all()
+                assert where.shape[1] == going.sum(1).max()
+            else:
+                assert torch.equal(active, going)
+        assert stats["mor_share"].tolist() == pytest.approx([1.0, *[(depth >= r).float().mean().item() for r in (1, 2)]])
+        frac = torch.stack([(depth == i).float().mean() for i in range(3)])
+        torch.testing.assert_close(stats["mor_aux"], 3 * (frac * probs.mean(dim=(0, 1))).sum())
+
+
+def test_token_choice_is_causal_and_training_equals_eval():
+    """The depth is each token's own choice: no leak, and the gathered, padded training path gives the masked
+    eval path's logits (pads never seen by real tokens, positions kept for RoPE and the window)."""
+    m = token_routed(2)
+    m.loss_chunk = 0
+    a = torch.randint(0, 97, (2, 40))
+    b = a.clone()
+    b[:, 25:] = torch.randint(0, 97, (2, 15))
+    with torch.no_grad():
+        m.eval()
+        la, _, st = m(a, a)
+        assert 0 < st["mor_share"][-1] < st["mor_share"][1] < 1
+        torch.testing.assert_close(la[:, :25], m(b, b)[0][:, :25], atol=0, rtol=0)
+        m.train()
+        lt = m(a, a)[0]
+        torch.testing.assert_close(lt, la, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m(b, b)[0][:, :25], lt[:, :25], atol=1e-5, rtol=1e-5)
+    m.train()
+    loss, stats = m(a, a)[1:]
+    (loss + 0.1 * stats["mor_aux"] + 1e-3 * stats["mor_z"]).backward()
+    assert m.mor_router.weight.grad.abs().sum() > 0 and all(p.grad is not None for p in m.layers.parameters() if p.requires_grad)
+
+
+def test_kv_cache_generation_of_a_token_routed_model_equals_rerunning_the_context():
+    m = token_routed(3).eval()
+    prompt = torch.randint(0, 97, (2, 20))
+    assert torch.equal(m.generate(prompt, 25, temperature=0), m.generate(prompt, 25, temperature=0, use_cache=False))
+
+
 def test_flops_and_memory_count_the_capacities():
     plain, rec, mor = cfg(mor_router="none", n_recursion=1), cfg(mor_router="none"), cfg(mor_router="expert")
     assert layer_shares(mor) == [1.0, 1.0, 1.0, 0.5, 0.5, 1.0]
@@ -128,17 +201,19 @@ def test_flops_and_memory_count_the_capacities():
 
 
 @full_only
-def test_train_resumes_a_routed_run_bit_identically_after_sigterm(tmp_path, data_dir):
+@pytest.mark.parametrize("router", ["expert", "token"])
+def test_train_resumes_a_routed_run_bit_identically_after_sigterm(tmp_path, data_dir, router):
     from test_train import read_log, start
 
-    args = [*TINY, "--n_layer=4", "--n_recursion=2", "--mor_router=expert", f"--data_dir={data_dir}", "--max_iters=10",
+    args = [*TINY, "--n_layer=4", "--n_recursion=2", f"--mor_router={router}", f"--data_dir={data_dir}", "--max_iters=10",
             "--eval_interval=10", "--eval_iters=2", "--log_interval=1", "--save_every=5", "--lr=3e-3", "--warmup_iters=2"]
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
     r = run_script("train.py", *args, f"--out_dir={ref}")
     assert r.returncode == 0, r.stderr
-    assert "val with top-k routing" in r.stdout
+    assert ("val with top-k routing" in r.stdout) == (router == "expert")  # token-choice has no top-k to compare
     steps = [x for x in read_log(ref) if "loss" in x]
-    assert steps[-1]["loss"] < steps[0]["loss"] and all(x["mor_aux"] > 0 for x in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"] and all(x["mor_aux"] > 0 and len(x["mor_share"]) == 2 for x in steps)
+    assert all(x.get("mor_z", 0) > 0 for x in steps) == (router == "token") and " | mor " in r.stdout
     p = start([*args, f"--out_dir={cut}"], hooks="sigterm:sync:4:0")
     p.communicate(timeout=120)
     assert p.returncode == 0
@@ -150,7 +225,9 @@ def test_train_resumes_a_routed_run_bit_identically_after_sigterm(tmp_path, data
 def test_bad_recursion_settings_are_one_line(tmp_path, data_dir):
     for bad, says in ((["--n_layer=5", "--n_recursion=2"], "multiple of n_recursion"),
                       (["--n_layer=4", "--n_recursion=2", "--mor_router=expert", "--mor_capacity=0.5,1"], "none larger"),
-                      (["--n_layer=4", "--n_recursion=2", "--mor_router=token"], "not one of none, expert")):
+                      (["--n_layer=4", "--n_recursion=2", "--mor_router=tokens"], "not one of none, expert, token"),
+                      (["--n_layer=4", "--n_recursion=2", "--mor_router=token", "--mor_capacity=1,0.5"], "mor_capacity is for"),
+                      (["--n_layer=4", "--n_recursion=2", "--mor_router=expert", "--mor_aux_loss_coef=high"], "not a number")):
         r = run_script("train.py", *TINY, *bad, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'x'}", "--max_iters=1")
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
 

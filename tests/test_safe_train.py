@@ -190,8 +190,9 @@ def test_on_cuda_the_estimate_meets_gpu_memory_not_host_ram_simulated_gpu(monkey
 
     import model
     import safe_train
+    from configurator import script_defaults
 
-    config = {**safe_train.train_defaults(os.path.join(ROOT, "train.py")), **SHAPE, "data_dir": data, "batch_size": 64,
+    config = {**script_defaults(os.path.join(ROOT, "train.py")), **SHAPE, "data_dir": data, "batch_size": 64,
               "grad_accum_steps": 1, "_line": 100e9, "_stop_pct": 90.0, "_strict": False, "_fit": True}
     monkeypatch.setattr(model, "pick_device", lambda want: "cuda")
     monkeypatch.setattr(model, "pick_dtype", lambda want, dev_type: "bfloat16")
