@@ -1,11 +1,12 @@
 """
 Mixture-of-Recursions at equal training FLOPs, on this CPU: a vanilla model of L layers, the same depth from
 shared blocks (middle-cycle, N_r = 2, no routing), expert-choice MoR with N_r = 2 and 3, and token-choice MoR
-with N_r = 3 (its depths' even split costs what expert-choice's capacities do). Every run gets the
+with N_r = 3 (its depths' even split costs what expert-choice's capacities do), and a control: expert-choice's
+gates with capacities (1, 1), every token through every step. Every run gets the
 FLOPs of `iters` steps of the vanilla model (model.flops_per_token counts the capacities), so MoR runs take more
 steps of fewer FLOPs. Reported: val loss with the causal threshold (what generation does) and with training's
 top-k (the gap is top-k reading the future), unique parameters, tokens/s, peak resident memory.
-    python bench/mor_study.py                 # ~15 minutes on 2 cores; writes bench/mor_study.md and .png
+    python bench/mor_study.py                 # ~20 minutes on 2 cores; writes bench/mor_study.md and .png
 """
 import json
 import os
@@ -28,6 +29,9 @@ RUNS = {
     "MoR expert-choice, N_r=2": dict(n_recursion=2, recursion_sharing="middle_cycle", mor_router="expert"),
     "MoR expert-choice, N_r=3": dict(n_recursion=3, recursion_sharing="middle_cycle", mor_router="expert"),
     "MoR token-choice, N_r=3": dict(n_recursion=3, recursion_sharing="middle_cycle", mor_router="token"),
+    # the control: expert-choice's gates with every token kept at every step, i.e. H + g * f(H) without routing
+    "gated recursion, no routing, N_r=2": dict(n_recursion=2, recursion_sharing="middle_cycle", mor_router="expert",
+                                               mor_capacity=(1.0, 1.0)),
 }
 
 
