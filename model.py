@@ -457,7 +457,9 @@ class MoE(nn.Module):
         self.router = LoRALinear(cfg.n_embd, cfg.n_expert, cfg.lora_rank if cfg.lora_on("router") else 0, cfg.lora_alpha)
         self.experts = Experts(cfg)
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
+        """keep [B, T] (Mixture-of-Recursions): the tokens whose routing counts in the balance losses and loads;
+        the rest (padding, tokens past their depth) are computed and their outputs thrown away."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         N, E, k = x.shape[0], self.n_expert, self.k
@@ -476,10 +478,15 @@ class MoE(nn.Module):
         y = y[order.argsort()].view(N, k, -1)
         out = (y * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
         # load balancing: f = share of assignments per expert (sums to 1), P = mean router probability
-        f = counts / (N * k)
-        P = logits.softmax(dim=-1).mean(dim=0)
+        probs, zz = logits.softmax(dim=-1), torch.logsumexp(logits, dim=-1).square()
+        if keep is None:
+            f, P, z = counts / (N * k), probs.mean(dim=0), zz.mean()
+        else:
+            w = keep.reshape(-1).float()
+            counts = torch.zeros_like(counts).scatter_add_(0, flat_expert, w.repeat_interleave(k))
+            n = w.sum().clamp(min=1)
+            f, P, z = counts / (n * k), (probs * w[:, None]).sum(dim=0) / n, (zz * w).sum() / n
         aux = E * (f * P).sum()  # 1.0 when balanced, E when every token picks the same expert
-        z = torch.logsumexp(logits, dim=-1).square().mean()
         return out.to(x.dtype).view(shape), aux, z, counts.detach()
 
 
@@ -493,7 +500,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, pos=None, active=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, pos, active)
-        h, aux, z, load = self.mlp(self.post_attention_layernorm(x))
+        h, aux, z, load = self.mlp(self.post_attention_layernorm(x), active)
         return x + h, aux, z, load
 
 
@@ -655,7 +662,7 @@ class GPT(nn.Module):
         leaves as H + p * f^depth(H), f being the shared layers' whole output, as in the paper's code. The choice is
         the token's own, so training, eval and generation route alike (causal). Training gathers the tokens still
         going at each step, padded to the longest row with a zero state at position T (after every real position,
-        so no real token sees it; its rows reach the MoE's router counts too); eval and generation compute every
+        so no real token sees it; the MoE leaves it out of its counts); eval and generation compute every
         token and keep only those going on as keys, the way the KV cache wants. Losses: the MoE balancing loss
         over depths (stats["mor_aux"], 1 when even) and the z-loss (stats["mor_z"])."""
         B, T, d = x.shape
@@ -678,8 +685,8 @@ class GPT(nn.Module):
                 hp = torch.cat([h, h.new_zeros(B, 1, d)], dim=1)
                 idx = where[..., None].expand(-1, -1, d)
                 out, at = hp.gather(1, idx), where.clamp(max=T - 1)  # a pad's RoPE angle does not matter: no real token sees it
-                for j in layers:
-                    out = run(j, out, cos[at], sin[at], where)
+                for j in layers:  # active: pads are not counted by the MoE (attention keeps them out by position)
+                    out = run(j, out, cos[at], sin[at], where, where < T)
                 h = hp.scatter(1, idx, out)[:, :T]
             else:
                 out = h

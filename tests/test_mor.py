@@ -177,8 +177,11 @@ def test_token_choice_is_causal_and_training_equals_eval():
         assert 0 < st["mor_share"][-1] < st["mor_share"][1] < 1
         torch.testing.assert_close(la[:, :25], m(b, b)[0][:, :25], atol=0, rtol=0)
         m.train()
-        lt = m(a, a)[0]
+        lt, _, st_train = m(a, a)
         torch.testing.assert_close(lt, la, atol=1e-5, rtol=1e-5)
+        # the MoE counts the same tokens both ways: the pads of training and the stopped tokens of eval left out
+        assert torch.equal(st_train["load"], st["load"]) and st["load"][3].sum() < st["load"][2].sum() < st["load"][1].sum()
+        torch.testing.assert_close(st_train["aux"], st["aux"])
         torch.testing.assert_close(m(b, b)[0][:, :25], lt[:, :25], atol=1e-5, rtol=1e-5)
     m.train()
     loss, stats = m(a, a)[1:]
