@@ -87,10 +87,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
 
 
 @full_only
-def test_a_routed_recursive_model_on_two_processes_matches_one(runs, tmp_path):
+@pytest.mark.parametrize("router", ["expert", "token"])
+def test_a_routed_recursive_model_on_two_processes_matches_one(runs, tmp_path, router):
     """Mixture-of-Recursions under FSDP: one unit per unique block, though the shared one runs twice per forward
     (and twice in the backward): two processes give one process's losses and weights."""
-    mor = ["--n_layer=4", "--n_recursion=2", "--recursion_sharing=middle_cycle", "--mor_router=expert"]
+    mor = ["--n_layer=4", "--n_recursion=2", "--recursion_sharing=middle_cycle", f"--mor_router={router}"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     launch(1, one, runs["data"], 6, extra=mor)
     launch(2, two, runs["data"], 6, extra=mor)
