@@ -72,6 +72,22 @@ class GPTConfig:
         shared = inner * N if how.endswith("cycle") else [i for i in inner for _ in range(N)]
         return [0] * outer + shared + [outer + m] * outer, (outer, m, outer)
 
+    def n_blocks(self):
+        """Unique blocks: n_layer, fewer when recursion shares them."""
+        return max(self.schedule()[0]) + 1
+
+    def check_recursion(self):
+        """ValueError, one line, for recursion settings that cannot run."""
+        self.schedule()
+        if self.mor_router not in ("none", "expert", "token"):
+            raise ValueError(f"mor_router {self.mor_router!r} is not one of none, expert, token")
+        if self.mor_router != "none" and (self.recursion_sharing.endswith("sequence") or self.n_recursion < 2):
+            raise ValueError(f"mor_router {self.mor_router} routes whole recursions: it needs n_recursion >= 2 and cycle or "
+                             "middle_cycle sharing")
+        if self.mor_router == "token" and self.mor_capacity:
+            raise ValueError("mor_capacity is for mor_router expert: token-choice routers pick each token's depth themselves")
+        self.capacities()
+
     def capacities(self):
         """Share of the sequence each recursion step keeps: expert-choice's capacities; for token-choice, the even
         split of depths that its balancing loss aims at."""
@@ -513,7 +529,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.plan, (self.n_first, self.n_shared, _) = cfg.schedule()  # the unique block of each applied layer
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(max(self.plan) + 1))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_blocks()))
         # recursion routers: expert-choice, one logit per token per recursion step (row r of the weight);
         # token-choice, one logit per depth
         self.mor_router = nn.Linear(cfg.n_embd, cfg.n_recursion, bias=False) if cfg.mor_router != "none" else None
@@ -593,7 +609,8 @@ class GPT(nn.Module):
         else:
             for j in range(self.n_first):
                 x = run(j, x)
-            x = self.recursions(x, cos, sin, run, stats)
+            routed = self.token_recursions if self.cfg.mor_router == "token" else self.expert_recursions
+            x = routed(x, cos, sin, run, stats)
             for j in range(self.n_first + self.n_shared * self.cfg.n_recursion, len(self.plan)):
                 x = run(j, x)
         x = self.norm(x)
@@ -607,15 +624,13 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss, stats
 
-    def recursions(self, x, cos, sin, run, stats):
+    def expert_recursions(self, x, cos, sin, run, stats):
         """Expert-choice Mixture-of-Recursions over the shared layers. Step r's router scores the tokens still in;
         gate g = mor_alpha * sigmoid(logit). Training: the top capacity_r x T of them by g go on (hierarchical:
         only those of step r-1 are candidates), gathered and run alone at their own positions (compute falls with
         capacity), and become H + g * f(H); the others keep H. A BCE loss teaches each router to say "top-k" by
         itself (stats["mor_aux"]). Eval and generation: a token goes on while sigmoid(logit) > 0.5, causally (top-k
         over a sequence would read its future); every token is computed, only those going on are keys."""
-        if self.cfg.mor_router == "token":
-            return self.token_recursions(x, cos, sin, run, stats)
         B, T, d = x.shape
         caps, W, alpha, m = self.cfg.capacities(), self.mor_router.weight, self.cfg.mor_alpha, self.n_shared
         topk = self.training if self.mor_topk is None else self.mor_topk
@@ -653,7 +668,8 @@ class GPT(nn.Module):
                 if active is not None:
                     bce.append(F.binary_cross_entropy_with_logits(logit, active.float()))
         stats["mor_aux"] = torch.stack(bce).mean() if bce else x.new_zeros(())
-        stats["mor_share"] = torch.tensor([float(s) for s in share])  # share of tokens through each recursion step
+        # share of tokens through each recursion step, on the device: no host sync per step
+        stats["mor_share"] = torch.stack([torch.as_tensor(s, dtype=torch.float32, device=x.device) for s in share])
         return x
 
     def token_recursions(self, x, cos, sin, run, stats):
@@ -696,7 +712,7 @@ class GPT(nn.Module):
         frac = F.one_hot(depth, N).float().mean(dim=(0, 1))  # share of tokens at each depth
         stats["mor_aux"] = N * (frac * probs.mean(dim=(0, 1))).sum()
         stats["mor_z"] = torch.logsumexp(logits, dim=-1).square().mean()
-        stats["mor_share"] = torch.tensor([float(s) for s in share])
+        stats["mor_share"] = torch.stack(share)
         return x + p[..., None].to(x.dtype) * h
 
     def merge_lora(self):
@@ -819,7 +835,7 @@ def param_counts(cfg):
     r = cfg.lora_rank
     shapes = {"q": (d, cfg.n_head * hd), "k": (d, cfg.n_kv_head * hd), "v": (d, cfg.n_kv_head * hd), "o": (cfg.n_head * hd, d), "router": (d, E)}
     lora_expert = r * (d + 2 * I) + r * (I + d) if cfg.lora_on("experts") else 0
-    blocks = max(cfg.schedule()[0]) + 1  # unique blocks: n_layer unless recursion shares them
+    blocks = cfg.n_blocks()
     lora = blocks * (sum(r * (i + o) for t, (i, o) in shapes.items() if cfg.lora_on(t)) + E * lora_expert)
     mor = d * cfg.n_recursion if cfg.mor_router != "none" else 0
     total = blocks * layer + d + embedding + lora + mor
@@ -840,8 +856,7 @@ def flops_per_token(cfg, seq_len):
     (the output layer counts, the embedding lookup does not) + attention scores over the context each
     layer really sees (sliding layers see at most sliding_window keys)."""
     n = param_counts(cfg)
-    blocks = max(cfg.schedule()[0]) + 1
-    matmul_params = n["active"] - cfg.vocab_size * cfg.n_embd * (0 if cfg.tie_embeddings else 1) - blocks * n["layer_active"]
+    matmul_params = n["active"] - cfg.vocab_size * cfg.n_embd * (0 if cfg.tie_embeddings else 1) - cfg.n_blocks() * n["layer_active"]
     attn = 0
     # a recursion step's layers run a capacity's share of the tokens, each against that share of the keys
     for i, share in zip(cfg.schedule()[0], layer_shares(cfg)):
@@ -908,7 +923,7 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
         logits = min(loss_chunk, tokens) * cfg.vocab_size * (4 + (2 if dtype != "float32" else 0)) + head_grad + 4 * tokens * cfg.n_embd
     else:  # whole: the float logits, the log-softmax kept for the backward, and its gradient
         logits = tokens * cfg.vocab_size * (12 + (2 if dtype != "float32" else 0))
-    layer_params = (P - n["embedding"]) / (max(cfg.schedule()[0]) + 1)
+    layer_params = (P - n["embedding"]) / cfg.n_blocks()
     gathered = 0 if world_size == 1 else layer_params * (2 if device == "cuda" and dtype == "bfloat16" else 4) * 2 + layer_params * 4
     grads = 4 * trained
     if grad_accum_steps > 1 and world_size > 1:
@@ -944,7 +959,7 @@ if __name__ == "__main__":  # python model.py config/8b_moe.py [--key=value]: co
     try:
         settings.update(parse(sys.argv[1:], settings))  # train.py's settings: its config files and overrides
         cfg = GPTConfig.from_dict(settings)
-        cfg.schedule(), cfg.capacities()
+        cfg.check_recursion()
     except (ConfigError, ValueError) as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)  # bad input, as train.py says it

@@ -379,15 +379,7 @@ def main():
     if dist and dt == "float16":
         fail("config error: dtype float16 needs a gradient scaler that FSDP does not share; use bfloat16 or float32")
     try:
-        GPTConfig.from_dict(config).schedule()
-        if mor_router not in ("none", "expert", "token"):
-            raise ValueError(f"mor_router {mor_router!r} is not one of none, expert, token")
-        if mor_router != "none" and (recursion_sharing.endswith("sequence") or n_recursion < 2):
-            raise ValueError(f"mor_router {mor_router} routes whole recursions: it needs n_recursion >= 2 and cycle or middle_cycle sharing")
-        if mor_router == "expert":
-            GPTConfig.from_dict(config).capacities()
-        if mor_router == "token" and mor_capacity:
-            raise ValueError("mor_capacity is for mor_router expert: token-choice routers pick each token's depth themselves")
+        GPTConfig.from_dict(config).check_recursion()
         if not isinstance(mor_aux_loss_coef, (int, float, type(None))):
             raise ValueError(f"mor_aux_loss_coef {mor_aux_loss_coef!r} is not a number (or None: the paper's for the router)")
     except ValueError as e:
@@ -670,7 +662,7 @@ def main():
         loss_sum = torch.zeros((), device=dev)
         aux_sum = torch.zeros((), device=dev)
         z_sum, mor_sum = torch.zeros((), device=dev), torch.zeros(2, device=dev)  # MoR: router loss, z-loss (token)
-        mor_share = torch.zeros(n_recursion)  # share of tokens through each recursion step (this rank's)
+        mor_share = torch.zeros(n_recursion, device=dev)  # share of tokens through each recursion step (this rank's)
         load = torch.zeros(cfg.n_layer, cfg.n_expert, device=dev)  # per applied layer
         for micro in range(accum):
             if test_hook(f"sigterm:micro:{iter_num + 1}.{micro}:{rank}"):

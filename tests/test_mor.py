@@ -55,7 +55,7 @@ def test_a_shared_model_equals_the_unrolled_model_with_tied_weights():
 
 
 def test_expert_choice_keeps_exact_capacities_hierarchically_and_leaves_unselected_tokens_alone():
-    """recursions() with the shared layers replaced by f(h) = 1: a selected token gains exactly its gate, an
+    """expert_recursions() with the shared layers replaced by f(h) = 1: a selected token gains exactly its gate, an
     unselected one nothing; step r keeps int(cap_r * T) tokens, all among step r-1's."""
     torch.manual_seed(0)
     m = GPT(cfg(n_layer=5, n_recursion=3, mor_router="expert")).train()  # plan [0, 1, 1, 1, 2]: capacities 1, 2/3, 1/3
@@ -70,7 +70,7 @@ def test_expert_choice_keeps_exact_capacities_hierarchically_and_leaves_unselect
         return torch.ones_like(h)
 
     cos, sin = m.rope_cos[:T], m.rope_sin[:T]
-    out = m.recursions(x, cos, sin, run, stats := {})
+    out = m.expert_recursions(x, cos, sin, run, stats := {})
     assert [c[0] for c in calls] == [1, 2, 3] and [c[1] for c in calls] == [30, 20, 10]  # exact: int(cap * T)
     for r in (1, 2):  # each row's picks at step r are among its picks at r - 1
         for b in range(B):
@@ -130,7 +130,7 @@ def token_routed(seed=0):
 
 
 def test_token_choice_runs_each_token_its_own_depth_in_training_and_eval():
-    """recursions() with the shared layer replaced by f(h) = h + 1: a token of depth d leaves as x + p (x + d), in
+    """token_recursions() with the shared layer replaced by f(h) = h + 1: a token of depth d leaves as x + p (x + d), in
     training (gathered, padded) and in eval (masked) alike; step r computes the tokens of depth >= r only."""
     m = token_routed()
     B, T = 3, 30
@@ -146,7 +146,7 @@ def test_token_choice_runs_each_token_its_own_depth_in_training_and_eval():
             calls.append((j, where, active))
             return h + 1
 
-        out = m.recursions(x, m.rope_cos[:T], m.rope_sin[:T], run, stats := {})
+        out = m.token_recursions(x, m.rope_cos[:T], m.rope_sin[:T], run, stats := {})
         torch.testing.assert_close(out, x + p[..., None] * (x + depth[..., None] + 1))
         assert [c[0] for c in calls] == [1, 2, 3]
         for r, (_, where, active) in enumerate(calls[1:], 1):
