@@ -258,13 +258,19 @@ def install_tokenizer_file(path, name):
     return get_tokenizer(name)
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # harmony's roles; a record's roles in any case
+
+
 def render_chat(record, enc):
     """A chat or instruction record -> (ids, trained): the tokens a model reads and, for each, whether it learns
-    it (the assistant's / completion's tokens and the marker that ends them; never the prompt). Records are
-    {"messages": [{"role", "content"}, ...]} or {"prompt", "completion"}. With o200k_harmony, the harmony format
-    (<|start|>role<|message|>...<|end|>, the answer on the final channel ending in <|return|>); otherwise a plain
-    template, each record after <|endoftext|> as every document is:
-        System: ...\\n\\nUser: ...\\n\\nAssistant: ...<|endoftext|>"""
+    it (the assistant's / completion's tokens and the marker that ends them; never the prompt, the instructions
+    or a tool's output). Records are {"messages": [{"role", "content"}, ...]} (roles: CHAT_ROLES, in any case; a
+    tool turn may name its function, {"role": "tool", "name": "get_weather", ...}) or {"prompt", "completion"}.
+    With o200k_harmony, the harmony format as openai-harmony renders it: <|start|>role<|message|>...<|end|>, the
+    developer's text under "# Instructions", a tool's output from its function (functions.NAME) to the assistant on
+    the commentary channel, the answer on the final channel ending in <|return|>. Otherwise a plain template, each
+    record after <|endoftext|> as every document is:
+        System: ...\\n\\nDeveloper: ...\\n\\nUser: ...\\n\\nTool: ...\\n\\nAssistant: ...<|endoftext|>"""
     if "messages" in record:
         messages = record["messages"]
     else:
@@ -278,13 +284,18 @@ def render_chat(record, enc):
         trained.extend([learn] * len(tokens))
 
     for i, m in enumerate(messages):
-        role, content = m["role"], m["content"]
+        role, content = m["role"].lower(), m["content"]
         last = i == len(messages) - 1
         if harmony and role == "assistant":
             add(special("<|start|>assistant<|channel|>final<|message|>"), False)
             add(enc.encode_ordinary(content) + special("<|return|>" if last else "<|end|>"), True)
+        elif harmony and role == "tool":
+            name = m["name"] if "." in m["name"] else f"functions.{m['name']}"  # browser.search stays as named
+            add(special(f"<|start|>{name} to=assistant<|channel|>commentary<|message|>") + enc.encode_ordinary(content)
+                + special("<|end|>"), False)
         elif harmony:
-            add(special(f"<|start|>{role}<|message|>") + enc.encode_ordinary(content) + special("<|end|>"), False)
+            text = f"# Instructions\n\n{content}" if role == "developer" else content
+            add(special(f"<|start|>{role}<|message|>") + enc.encode_ordinary(text) + special("<|end|>"), False)
         elif role == "assistant":
             add(enc.encode_ordinary("Assistant: "), False)
             add(enc.encode_ordinary(content) + [enc.eot_token], True)

@@ -3,7 +3,8 @@ Pictures of training runs, from the log.jsonl that train.py writes:
     python plot.py out/mac_micro                        # -> out/mac_micro/loss.png
     python plot.py out/run_a out/run_b --out=ab.png     # several runs overlaid, for a comparison
 One PNG: train and val loss against tokens, the router's raw aux loss (1.0 = balanced), tokens/s, and for the
-first run a heatmap of each layer's busiest expert over time. train.py redraws out_dir/loss.png at each eval.
+first run a heatmap of each layer's busiest expert over time. train.py redraws out_dir/loss.png at each eval
+(and says where, the first time).
 Needs matplotlib (pip install matplotlib).
 """
 import json
@@ -51,12 +52,13 @@ def figure(runs):
     (ax_loss, ax_aux), (ax_speed, ax_load) = axes
     for name, run in runs.items():
         steps, evals = run["steps"], run["evals"]
-        line, = ax_loss.plot([tokens(r, run) for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6, label=f"{name} train")
+        dot = {"marker": "o", "ms": 4} if len(steps) == 1 else {}  # one logged point: a line through it draws nothing
+        line, = ax_loss.plot([tokens(r, run) for r in steps], [r["loss"] for r in steps], lw=1, alpha=0.6, label=f"{name} train", **dot)
         if evals:
             ax_loss.plot([tokens(r, run) for r in evals], [r["val_loss"] for r in evals], "o-", color=line.get_color(),
                          lw=2, ms=4, label=f"{name} val")
-        ax_aux.plot([tokens(r, run) for r in steps], [r["aux"] for r in steps], lw=1, color=line.get_color(), label=name)
-        ax_speed.plot([tokens(r, run) for r in steps], [r["tok_per_s"] for r in steps], lw=1, color=line.get_color(), label=name)
+        ax_aux.plot([tokens(r, run) for r in steps], [r["aux"] for r in steps], lw=1, color=line.get_color(), label=name, **dot)
+        ax_speed.plot([tokens(r, run) for r in steps], [r["tok_per_s"] for r in steps], lw=1, color=line.get_color(), label=name, **dot)
     ax_loss.set(title="loss", xlabel="tokens", ylabel="cross-entropy (nats)")
     ax_aux.axhline(1.0, color="gray", ls="--", lw=1)
     ax_aux.set(title="router load-balancing loss, raw (1.0 = balanced, n_expert = collapsed)", xlabel="tokens", ylabel="aux")

@@ -7,13 +7,16 @@ Text -> token shards + meta.json, the format data_loader.py reads.
 Documents are joined with <|endoftext|> before each one. Chat and instruction data (.jsonl records with
 "messages": [{"role", "content"}, ...] or "prompt" and "completion") is rendered by data_loader.render_chat
 (harmony for o200k_harmony, a plain template otherwise) and gets a loss mask beside each shard
-(<name>_trainmask_*.npy): only the assistant's / completion's tokens are trained. Shard 0 is validation (the first val_tokens
-tokens), then train shards of shard_size tokens; uint16 when the vocabulary fits, else uint32.
+(<name>_trainmask_*.npy): only the assistant's / completion's tokens are trained, and all of a {"text"} record's
+(a file may mix both). Input is UTF-8 (--decode_errors=replace for files that are not quite). Shard 0 is
+validation (the first val_tokens tokens), then train shards of shard_size tokens; uint16 when the vocabulary
+fits, else uint32.
 
 Resumable: each shard is written under a temporary name and renamed, then prepare_state.json records where
 the next shard starts (document index and token offset). Rerun the same command after an interruption and
 it keeps the finished shards, skips the documents they hold, and writes the rest; the result is
 byte-identical to an uninterrupted run. meta.json is written last: a data_dir without one is unfinished.
+The state also records each input file's name, size and modification time, so that a changed input is refused.
 """
 import ast
 import glob
@@ -21,6 +24,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import signal
 import socket
 import sys
 import sysconfig
@@ -40,6 +44,7 @@ val_tokens = 1_000_000  # tokens in the validation shard (shard 0)
 max_tokens = 0  # stop after exactly this many tokens (0 = the whole corpus)
 workers = 0  # tokenizer processes (0 = all cores)
 batch_docs = 64  # documents per task sent to a worker: fewer, larger messages between processes
+decode_errors = "strict"  # input bytes that are not UTF-8: strict (refused, naming file and line) | replace (with U+FFFD)
 
 
 class PrepareError(Exception):
@@ -140,38 +145,71 @@ def parquet_file(path):
         fail(f"{path} is not a readable parquet file ({type(e).__name__}: {e})")
 
 
-def count_docs(files):
-    """Documents in the input files, for the progress bar's ETA (parquet keeps the count in its footer)."""
-    n = 0
-    for path in files:
-        if path.endswith(".parquet"):
-            n += parquet_file(path).metadata.num_rows
-        elif path.endswith(".jsonl"):
-            with open(path, "rb") as f:
-                n += sum(1 for line in f if line.strip())
-        else:
-            n += 1
-    return n
+def decode(raw, path, line, offset):
+    """Bytes of an input file -> str. Bytes that are not UTF-8 are refused, naming the file, line and byte
+    offset, or replaced with U+FFFD under --decode_errors=replace. `line` and `offset` are where raw starts."""
+    try:
+        return raw.decode("utf-8", errors=decode_errors)
+    except UnicodeDecodeError as e:
+        line += raw.count(b"\n", 0, e.start)
+        fail(f"{path}:{line}: byte {offset + e.start} (0x{raw[e.start]:02x}) is not UTF-8: "
+             f"convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or pass --decode_errors=replace to replace such bytes")
+
+
+def jsonl_lines(path):
+    """(raw line, line number, byte offset) of each non-blank line of a .jsonl file."""
+    with open(path, "rb") as f:
+        offset = 0
+        for i, raw in enumerate(f, 1):
+            start = 3 if i == 1 and raw.startswith(b"\xef\xbb\xbf") else 0  # the byte order mark some editors write
+            if raw.strip():
+                yield raw[start:], i, offset + start
+            offset += len(raw)
+
+
+def read_record(raw, path, line, offset):
+    """One .jsonl line -> its text (a {"text"} record, trained whole) or the record itself (a chat record, trained
+    on its answers). Decided per record: a file may mix both."""
+    try:
+        record = json.loads(decode(raw, path, line, offset))
+        text = record["text"] if "text" in record or not is_chat(record) else record
+    except (json.JSONDecodeError, KeyError, TypeError):
+        fail(f"{path}:{line} is not a JSON object with a 'text' field, nor 'messages' or 'prompt' and 'completion'")
+    if isinstance(text, dict):
+        check_chat(text, f"{path}:{line}")
+    elif not isinstance(text, str):
+        fail(f"{path}:{line}: 'text' is a {type(text).__name__}, not a string")
+    return text
 
 
 def text_docs(path):
     """Documents of a .txt (the whole file) or .jsonl ({"text"}, or chat records, which stay dicts)."""
-    with open(path, encoding="utf-8") as f:
-        if not path.endswith(".jsonl"):
-            yield f.read()
-            return
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                    text = record["text"] if "text" in record or not is_chat(record) else record
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    fail(f"{path}:{i} is not a JSON object with a 'text' field, nor 'messages' or 'prompt' and 'completion'")
-                if isinstance(text, dict):
-                    check_chat(text, f"{path}:{i}")
-                elif not isinstance(text, str):
-                    fail(f"{path}:{i}: 'text' is a {type(text).__name__}, not a string")
-                yield text
+    if path.endswith(".jsonl"):
+        for raw, i, offset in jsonl_lines(path):
+            yield read_record(raw, path, i, offset)
+    else:
+        with open(path, "rb") as f:
+            yield decode(f.read(), path, 1, 0).removeprefix("\ufeff")
+
+
+def scan_inputs(files):
+    """(documents, chat) of the input files, read once before any work so that a bad line fails before the first
+    shard: the documents for the progress bar's ETA (parquet keeps the count in its footer), and chat when any
+    record is a chat record (every shard then gets a loss mask)."""
+    n, chat = 0, False
+    for path in files:
+        if path.endswith(".parquet"):
+            n += parquet_file(path).metadata.num_rows
+            continue
+        for doc in text_docs(path):
+            chat |= isinstance(doc, dict)
+            n += 1
+    return n, chat
+
+
+def fingerprint(files):
+    """[path, size, modification time] of each input file: what the resume state checks a rerun against."""
+    return [[path, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path in files]
 
 
 def is_chat(record):
@@ -179,27 +217,23 @@ def is_chat(record):
 
 
 def check_chat(record, where):
+    from data_loader import CHAT_ROLES
+
     if "messages" in record:
-        ok = isinstance(record["messages"], list) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in record["messages"])
-        if not ok or not any(m["role"] == "assistant" for m in record["messages"]):
+        messages = record["messages"]
+        if not (isinstance(messages, list) and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
             fail(f"{where}: 'messages' must be a list of {{'role', 'content'}} strings with at least one assistant turn")
+        roles = [m["role"].lower() for m in messages]  # "Assistant" is the assistant, and trained as one
+        for m in messages:
+            if m["role"].lower() not in CHAT_ROLES:
+                fail(f"{where}: role {m['role']!r} is not one of {', '.join(CHAT_ROLES)} (in any case): rename it")
+        if "assistant" not in roles:
+            fail(f"{where}: 'messages' has no assistant turn, so nothing of it would be trained")
+        if encoding.startswith("o200k_harmony") and any(r == "tool" and not isinstance(m.get("name"), str) for m, r in zip(messages, roles)):
+            fail(f"{where}: a tool turn needs a 'name' in the harmony template (the function it answers, e.g. get_weather)")
     elif not (isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str)):
         fail(f"{where}: 'prompt' and 'completion' must both be strings")
-
-
-def chat_input(files):
-    """True when a .jsonl input holds chat or instruction records (its first record says)."""
-    for path in files:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                first = next((line for line in f if line.strip()), "")
-            try:
-                if is_chat(json.loads(first)):
-                    return True
-            except ValueError:
-                pass  # text_docs names the bad line
-    return False
 
 
 def open_hub():
@@ -258,8 +292,8 @@ def _tokenize(task):
 
             ids, trained = render_chat(doc, _enc)
             arrays.append(np.array(ids, dtype=np.uint32) | np.where(trained, TRAINED, 0).astype(np.uint32))
-        else:
-            arrays.append(np.array(eot + _enc.encode_ordinary(doc) if doc else [], dtype=np.uint32))
+        else:  # text is trained whole, also among chat records
+            arrays.append(np.array(eot + _enc.encode_ordinary(doc) if doc else [], dtype=np.uint32) | TRAINED)
     lengths = np.array([len(a) for a in arrays], dtype=np.int64)
     return (np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)), lengths
 
@@ -305,10 +339,10 @@ def save_state(state):
     write_atomic(os.path.join(out_dir, "prepare_state.json"), lambda f: f.write(json.dumps(state, indent=1).encode()))
 
 
-def load_state(args):
-    """The resume point of an earlier run of the same command in out_dir, or a fresh start."""
+def load_state(args, inputs):
+    """The resume point of an earlier run of the same command on the same inputs in out_dir, or a fresh start."""
     path = os.path.join(out_dir, "prepare_state.json")
-    fresh = {"args": args, "shards": 0, "next_doc": 0, "skip_tokens": 0, "tokens": {"val": 0, "train": 0},
+    fresh = {"args": args, "inputs": inputs, "shards": 0, "next_doc": 0, "skip_tokens": 0, "tokens": {"val": 0, "train": 0},
              "documents": {"val": 0, "train": 0}}
     if not os.path.exists(path):
         if glob.glob(os.path.join(out_dir, "*_train_*.npy")) + glob.glob(os.path.join(out_dir, "*_val_*.npy")):
@@ -319,6 +353,14 @@ def load_state(args):
     if state["args"] != args:
         diff = ", ".join(f"{k}={state['args'].get(k)!r} there, {v!r} now" for k, v in args.items() if state["args"].get(k) != v)
         fail(f"{out_dir} holds a different preparation ({diff}): use a new --out_dir, or delete it to start over")
+    if "inputs" in state:  # (a state written before inputs were recorded has none)
+        was, now = ({p: (size, mtime) for p, size, mtime in fp or []} for fp in (state["inputs"], inputs))
+        changes = [f"{p} is new" for p in now if p not in was] + [f"{p} is gone" for p in was if p not in now] + [
+            f"{p} was modified" for p in now if p in was and now[p] != was[p]]
+        if changes:
+            more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+            fail(f"the inputs changed since {out_dir} was prepared from them: {changes[0]}{more}; put them back as they "
+                 f"were, or use a new --out_dir (or delete this one) to start over")
     return state
 
 
@@ -331,7 +373,10 @@ def main():
     max_tokens, shard_size, val_tokens = int(max_tokens), int(shard_size), int(val_tokens)
     if shard_size <= 0 or val_tokens <= 0:
         fail("--shard_size and --val_tokens must be positive")
+    if decode_errors not in ("strict", "replace"):
+        fail(f"--decode_errors={decode_errors!r}: use strict or replace")
     files = list_inputs(input.split(",")) if input else None
+    n_docs, chat = scan_inputs(files) if files else (None, False)
     try:
         enc = install_tokenizer_file(tokenizer_file, encoding) if tokenizer_file else get_tokenizer(encoding)
     except DataError as e:
@@ -344,10 +389,9 @@ def main():
     except OSError as e:
         fail(f"cannot write to --out_dir {out_dir} ({e.strerror}): pick a folder you can write to")
 
-    chat = bool(files) and chat_input(files)
     if files:
         sources = [p if p.endswith(".parquet") else text_docs(p) for p in files]
-        dataset, prefix, n_docs = input, "text", count_docs(files)
+        dataset, prefix = input, "text"
     elif corpus == "stdlib_api":  # signatures -> docstrings; validation: the held-out modules' records, exactly
         from data_loader import render_chat
 
@@ -355,17 +399,16 @@ def main():
         chat, val_tokens = True, sum(len(render_chat(r, enc)[0]) for r in records[:n_val])
         sources, dataset, prefix, n_docs = [iter(records)], "python-stdlib-api", "stdlib_api", len(records)
     elif corpus == "stdlib":
-        sources, dataset, prefix, n_docs = [stdlib_docs()], "python-stdlib-docstrings", "stdlib", None
+        sources, dataset, prefix = [stdlib_docs()], "python-stdlib-docstrings", "stdlib"
     elif corpus == "fineweb-edu":
         sources, dataset, prefix = [open_hub()], f"HuggingFaceFW/fineweb-edu/{name}", "edufineweb"
         m = re.fullmatch(r"sample-(\d+)BT", name)  # ETA only: the sample's size in GPT-2 tokens, close for o200k
-        n_docs = None
         est_tokens = int(m.group(1)) * 10**9 if m else None
     else:
         fail(f"--corpus={corpus!r}: use fineweb-edu, stdlib, or --input=FILES")
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
     args = {"dataset": dataset, "encoding": encoding, "shard_size": shard_size, "val_tokens": val_tokens, "max_tokens": max_tokens}
-    state = load_state(args)
+    state = load_state(args, files and fingerprint(files))
     for tmp in glob.glob(os.path.join(out_dir, "*.tmp")):  # left by an interrupted write
         os.remove(tmp)
     meta_path = os.path.join(out_dir, "meta.json")
@@ -391,7 +434,7 @@ def main():
         path = os.path.join(out_dir, f"{prefix}_{split}_{state['shards']:06d}.npy")
         if chat:  # the mask first: a shard is complete only once its tokens are written
             write_atomic(path.replace(f"_{split}_", f"_{split}mask_"), lambda f: np.save(f, (arr >> 31).astype(np.uint8)))
-            arr = arr & (TRAINED - 1)
+        arr = arr & (TRAINED - 1)  # the flag never reaches the ids
         write_atomic(path, lambda f: np.save(f, arr.astype(dtype, copy=False)))
         state["tokens"][split] += len(arr)
         state["shards"] += 1
@@ -402,7 +445,11 @@ def main():
             print(f"{os.path.basename(path)}: {len(arr):,} tokens ({total:,} so far, {rate:,.0f} tok/s)", flush=True)
 
     done, t0, total0 = False, time.time(), total
-    with mp.Pool(workers or os.cpu_count(), initializer=_init_worker, initargs=(encoding,)) as pool:
+    # the workers ignore Ctrl-C (they inherit SIG_IGN, also when spawned): only this process stops, with one line
+    sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pool = mp.Pool(workers or os.cpu_count(), initializer=_init_worker, initargs=(encoding,))
+    signal.signal(signal.SIGINT, sigint)
+    with pool:
         for toks, lengths in pool.imap(_tokenize, make_tasks(sources, doc_i), chunksize=1):
             before = total
             starts = np.concatenate([[0], np.cumsum(lengths)])
@@ -454,3 +501,7 @@ if __name__ == "__main__":
         main()
     except PrepareError as e:
         sys.exit(f"prepare_fineweb.py: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: the finished shards and prepare_state.json are whole, nothing is lost
+        print("\n" * sys.stderr.isatty() + f"prepare_fineweb.py: stopped; rerun the same command to continue from the "
+              f"last finished shard in {out_dir}", file=sys.stderr)
+        sys.exit(130)  # 128 + SIGINT, as shells report it

@@ -268,13 +268,14 @@ def duration(seconds):
 
 def refresh_plot(previous):
     """Redraw out_dir/loss.png in a child process, so that matplotlib never adds to this process's memory;
-    skipped while the last one still draws, and when matplotlib is not installed."""
+    skipped while the last one still draws, and when matplotlib is not installed. The first drawing (and one after
+    a failed one) says "wrote out_dir/loss.png" on this run's stdout; the others say nothing: once is enough."""
     import importlib.util
 
     if (previous and previous.poll() is None) or importlib.util.find_spec("matplotlib") is None:
         return previous
     return subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "plot.py"), out_dir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL if previous and previous.returncode == 0 else None, stderr=subprocess.DEVNULL)
 
 
 def open_trackers(config):

@@ -133,3 +133,77 @@ def test_stdlib_api_set_holds_out_whole_modules_that_pretraining_never_reads(tmp
     assert r.returncode == 0, r.stderr
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta["loss_mask"] and meta["documents"]["val"] == n_val  # the validation shard is exactly the held-out records
+
+
+def turns(*pairs):
+    return {"messages": [{"role": role, "content": content} for role, content in pairs]}
+
+
+@pytest.mark.parametrize("encoding", ["o200k_base", "o200k_base:4096"])  # uint32 ids, and uint16
+def test_a_file_mixing_text_and_chat_records_trains_text_whole_and_chat_on_its_answers(tmp_path, encoding):
+    """The first record is {"text"}, later ones are chat: every shard gets a mask, each token is exactly its record's
+    rendering (no flag bit left in an id), a text record is trained whole, a chat record on its answers."""
+    recs = api_records(("json", "textwrap"))
+    records = [{"text": "Plain prose comes first. " * 20}, recs[0], turns(("user", recs[1]["prompt"]), ("assistant", recs[1]["completion"])),
+               {"text": "More prose between the chats. " * 20}, *recs[2:8]]
+    src = tmp_path / "mixed.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = str(tmp_path / "data")
+    r = run_script("prepare_fineweb.py", f"--input={src}", f"--encoding={encoding}", f"--out_dir={out}",
+                   "--val_tokens=400", "--shard_size=700")
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(os.path.join(out, "meta.json")))["loss_mask"] is True
+    shards = sorted((f for f in os.listdir(out) if f.endswith(".npy") and "mask_" not in f), key=lambda f: f[-10:])
+    masks = [f.replace("_val_", "_valmask_").replace("_train_", "_trainmask_") for f in shards]
+    assert len(shards) >= 3 and all(os.path.exists(os.path.join(out, f)) for f in masks)
+    tokens = np.concatenate([np.load(os.path.join(out, f)) for f in shards])
+    mask = np.concatenate([np.load(os.path.join(out, f)) for f in masks])
+    enc = get_tokenizer(encoding)
+    ids, trained = [], []
+    for rec in records:
+        if "text" in rec:
+            rec_ids = [enc.eot_token] + enc.encode_ordinary(rec["text"])
+            rec_trained = [True] * len(rec_ids)
+        else:
+            rec_ids, rec_trained = render_chat(rec, enc)
+        ids += rec_ids
+        trained += rec_trained
+    assert tokens.max() < enc.n_vocab and tokens.tolist() == ids and mask.astype(bool).tolist() == trained
+    answer = [t for t, m in zip(*render_chat(records[2], enc)) if m]
+    assert enc.decode(answer) == recs[1]["completion"] + "<|endoftext|>"
+
+
+def test_harmony_renders_developer_and_tool_turns_as_openai_harmony_does_and_trains_only_the_answer():
+    """Roles in any case; developer and tool turns are rendered, never trained. The expected harmony text is what
+    openai-harmony 0.0.8's render_conversation_for_training gives for the same conversation (system; developer with
+    DeveloperContent instructions; user; a tool message from functions.get_weather to the assistant on the
+    commentary channel; the assistant's final answer), token for token."""
+    record = turns(("System", "Be brief."), ("developer", "Answer in French."), ("USER", "Weather in Paris?"),
+                   ("tool", '{"sunny": true}'), ("Assistant", "Il fait beau."))
+    record["messages"][3]["name"] = "get_weather"
+    enc = get_tokenizer("o200k_harmony")
+    ids, trained = render_chat(record, enc)
+    assert enc.decode(ids) == (
+        "<|start|>system<|message|>Be brief.<|end|>"
+        "<|start|>developer<|message|># Instructions\n\nAnswer in French.<|end|>"
+        "<|start|>user<|message|>Weather in Paris?<|end|>"
+        '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"sunny": true}<|end|>'
+        "<|start|>assistant<|channel|>final<|message|>Il fait beau.<|return|>")
+    assert enc.decode([t for t, m in zip(ids, trained) if m]) == "Il fait beau.<|return|>"
+    plain = get_tokenizer("o200k_base:4096")
+    ids, trained = render_chat(record, plain)
+    assert plain.decode(ids) == ("<|endoftext|>System: Be brief.\n\nDeveloper: Answer in French.\n\nUser: Weather in Paris?\n\n"
+                                 'Tool: {"sunny": true}\n\nAssistant: Il fait beau.<|endoftext|>')
+    assert plain.decode([t for t, m in zip(ids, trained) if m]) == "Il fait beau.<|endoftext|>"
+
+
+def test_a_role_no_template_has_is_refused_in_one_line_with_file_and_line(tmp_path):
+    src = tmp_path / "roles.jsonl"
+    cases = [(turns(("user", "hi"), ("bot", "hello"), ("assistant", "hey")), "o200k_base:4096",
+              "role 'bot' is not one of system, developer, user, assistant, tool"),
+             (turns(("user", "hi"), ("tool", "42"), ("assistant", "42")), "o200k_harmony",
+              "a tool turn needs a 'name' in the harmony template")]
+    for record, encoding, msg in cases:
+        src.write_text(json.dumps(turns(("user", "hi"), ("assistant", "hello"))) + "\n" + json.dumps(record) + "\n")
+        r = run_script("prepare_fineweb.py", f"--input={src}", f"--encoding={encoding}", f"--out_dir={tmp_path / 'out'}")
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and f"{src}:2: {msg}" in r.stderr, r.stderr

@@ -121,3 +121,32 @@ def test_a_missing_tracker_package_is_one_line_not_a_crash(tmp_path, data_dir):
                    f"--out_dir={tmp_path / 'o'}", "--wandb_log=True", "--tensorboard_log=True", env=env)
     assert r.returncode == 0, r.stderr
     assert "wandb_log: off" in r.stdout and "tensorboard_log: off (pip install tensorboard)" in r.stdout
+
+
+def test_train_py_says_once_where_it_wrote_loss_png(two_runs):
+    _, b, stdout = two_runs
+    assert "eval 6 |" in stdout and "eval 12 |" in stdout  # two evals, two drawings (or one, if the first still drew)
+    assert stdout.splitlines().count(f"wrote {os.path.join(b, 'loss.png')}") == 1, stdout
+
+
+def test_a_run_with_one_logged_point_is_drawn_visibly(tmp_path, two_runs):
+    """The first step record of a real run's log alone: a line through one point draws nothing, so it needs a marker."""
+    import matplotlib.image
+
+    import plot
+
+    one = tmp_path / "one_point"
+    one.mkdir()
+    first = next(line for line in open(os.path.join(two_runs[0], "log.jsonl")) if '"loss"' in line)
+    (one / "log.jsonl").write_text(first)
+    r = run_script("plot.py", str(one))
+    assert r.returncode == 0, r.stderr
+    img = matplotlib.image.imread(str(one / "loss.png"))
+    fig = plot.figure(plot.read_runs([str(one)]))
+    fig.canvas.draw()
+    record = json.loads(first)
+    for ax, key in ((fig.axes[0], "loss"), (fig.axes[2], "tok_per_s")):
+        x, y = ax.transData.transform((plot.tokens(record, {"steps": [record]}), record[key]))
+        row, col = img.shape[0] - int(round(y)), int(round(x))  # image rows run top-down
+        patch = img[row - 3:row + 4, col - 3:col + 4, :3]
+        assert (patch[..., 2] - patch[..., 0] > 0.2).sum() >= 9, key  # matplotlib's first colour (blue) at the point

@@ -14,6 +14,7 @@ import pytest
 import tiktoken
 
 from conftest import ROOT, run_script, stdlib_docstrings
+from data_loader import get_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_bad_inputs_give_one_line(tmp_path, prepared):
     pq.write_table(pa.table({"content": ["hello"]}), no_text)
     empty = tmp_path / "empty.jsonl"
     empty.write_text(json.dumps({"text": ""}) + "\n")
-    bad_line = tmp_path / "bad.jsonl"  # found mid-run, while workers are busy: still one line
+    bad_line = tmp_path / "bad.jsonl"  # on line 301: found by the scan before any work, still one line
     bad_line.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(300)) + "{oops\n")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -174,3 +175,84 @@ def test_bad_inputs_give_one_line(tmp_path, prepared):
     # a different preparation into a finished out_dir is refused, naming what differs
     r = run_script("prepare_fineweb.py", f"--input={folder}", "--encoding=o200k_base", f"--out_dir={prepared[1]}")
     assert r.returncode != 0 and "val_tokens=3000 there, 1000000 now" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_input_that_is_not_utf8_is_one_line_naming_file_and_line_or_is_replaced(tmp_path):
+    """Latin-1 text (`caf\\xe9`) in a .txt and on one .jsonl line: refused before any work with the file, line and
+    byte offset; --decode_errors=replace prepares it with U+FFFD in place of the byte."""
+    txt, jsonl = tmp_path / "latin1.txt", tmp_path / "mixed.jsonl"
+    good = "Crème brûlée\nun caf".encode()  # UTF-8, then Latin-1 from here on
+    txt.write_bytes(good + b"\xe9 cr\xe8me\n")
+    lines = [json.dumps({"text": f"record {i}"}).encode() + b"\n" for i in range(3)]
+    jsonl.write_bytes(b"".join(lines) + b'{"text": "caf\xe9"}\n')
+    out = tmp_path / "out"
+    for path, where in ((txt, f"{txt}:2: byte {len(good)} (0xe9)"), (jsonl, f"{jsonl}:4: byte {sum(map(len, lines)) + 13} (0xe9)")):
+        r = run_script("prepare_fineweb.py", f"--input={path}", "--encoding=o200k_base:4096", f"--out_dir={out}", "--val_tokens=5")
+        assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"prepare_fineweb.py: {where} is not UTF-8") and "--decode_errors=replace" in r.stderr
+        assert not out.exists()  # refused before any work
+    prepare(f"--input={jsonl},{txt}", "--encoding=o200k_base:4096", f"--out_dir={out}", "--val_tokens=5", "--decode_errors=replace")
+    text = get_tokenizer("o200k_base:4096").decode(read_shards(str(out))[1].tolist())
+    assert text.endswith("<|endoftext|>caf\ufffd<|endoftext|>Crème brûlée\nun caf\ufffd cr\ufffdme\n")
+
+
+def interrupt_after_first_shard(cmd, out):
+    """Start prepare_fineweb.py in its own process group and press Ctrl-C, as a terminal does (SIGINT to the whole
+    group: the main process and its workers), once its first shard is finished. -> (exit code, stderr)"""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    state, deadline = os.path.join(out, "prepare_state.json"), time.time() + 120
+    while p.poll() is None and not os.path.exists(state) and time.time() < deadline:
+        time.sleep(0.005)
+    os.killpg(p.pid, signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert not os.path.exists(os.path.join(out, "meta.json")), "it finished before the Ctrl-C: nothing was tested"
+    return p.returncode, err
+
+
+def test_ctrl_c_is_one_line_saying_how_to_continue_and_the_rerun_finishes_the_same_data(tmp_path, prepared):
+    common = [f"--input={prepared[0]}/b.jsonl", "--encoding=o200k_base:8192", "--val_tokens=2000", "--shard_size=300",
+              "--workers=1"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    rc, err = interrupt_after_first_shard([sys.executable, os.path.join(ROOT, "prepare_fineweb.py"), *common, f"--out_dir={cut}"], cut)
+    # one line, not a traceback from each process
+    assert rc == 130 and err == f"prepare_fineweb.py: stopped; rerun the same command to continue from the last finished shard in {cut}\n", err
+    prepare(*common, f"--out_dir={cut}")
+    prepare(*common, f"--out_dir={full}")
+    names = sorted(os.listdir(full))
+    assert names == sorted(os.listdir(cut))
+    for name in names:
+        assert open(os.path.join(full, name), "rb").read() == open(os.path.join(cut, name), "rb").read(), name
+
+
+def test_inputs_changed_after_an_interruption_are_refused_in_one_line(tmp_path, docs):
+    """Three .jsonl files, Ctrl-C after the first shard, then a fourth file that sorts first (or an edited file):
+    the rerun refuses, naming the file, instead of skipping the wrong documents. Put back, it finishes."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    thirds = [docs[:len(docs) // 3], docs[len(docs) // 3:2 * len(docs) // 3], docs[2 * len(docs) // 3:]]
+    for name, part in zip(("a.jsonl", "b.jsonl", "c.jsonl"), thirds):
+        (folder / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+    out = str(tmp_path / "out")
+    cmd = [f"--input={folder}", "--encoding=o200k_base:8192", "--val_tokens=2000", "--shard_size=300", "--workers=1", f"--out_dir={out}"]
+    interrupt_after_first_shard([sys.executable, os.path.join(ROOT, "prepare_fineweb.py"), *cmd], out)
+    new = folder / "0_new.jsonl"
+    new.write_text(json.dumps({"text": "a document added after the interruption"}) + "\n")
+
+    def refused(change):
+        r = run_script("prepare_fineweb.py", *cmd)
+        assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+        assert f"the inputs changed since {out} was prepared from them: {change};" in r.stderr, r.stderr
+
+    refused(f"{new} is new")
+    new.unlink()
+    b = folder / "b.jsonl"
+    b_stat, b_text = b.stat(), b.read_text()
+    b.write_text(b_text + json.dumps({"text": "one more"}) + "\n")
+    refused(f"{b} was modified")
+    b.write_text(b_text)
+    os.utime(b, ns=(b_stat.st_atime_ns, b_stat.st_mtime_ns))  # as it was: the same name, size and modification time
+    prepare(*cmd)
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert sum(meta["documents"].values()) == len(docs)  # every document once
+    enc = get_tokenizer("o200k_base:8192")
+    assert read_shards(out)[1].tolist() == [t for d in docs for t in [enc.eot_token] + enc.encode_ordinary(d)]
