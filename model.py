@@ -905,7 +905,10 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
     (train.py's sync_grads_every_micro_step) reduce-scatters each micro step and keeps only the shard.
     A LoRA run (cfg.lora_rank) keeps gradients and moments for its adapters alone; base_dtype bfloat16 halves
     the frozen layers' weights.
-    'process' is what the runtime holds before any tensor: Python + torch on CPU, the CUDA context."""
+    'process' is what the runtime holds before any tensor: Python + torch on CPU, the CUDA context.
+    On CUDA the parts are cuda_peak's instead, counted from what CUDA allocates (bf16 autocast copies of the weights,
+    activations saved in bf16, the caching allocator's reserve) and 'reserved' (the total without the CUDA context)
+    is the figure to set beside torch.cuda.max_memory_reserved (README, "The memory estimate on CUDA")."""
     T = block_size or cfg.block_size
     tokens = batch_size * T
     n = param_counts(cfg)
@@ -931,6 +934,9 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
             grads += trained * world_size * 4  # whole gradients, in the fp32 reduce dtype
     elif grad_accum_steps > 1:
         grads += 8 * trained
+    if device == "cuda":
+        return cuda_peak(cfg, tokens, dtype, world_size, activation_checkpointing, loss_chunk, grad_accum_steps > 1,
+                         sync_every_micro_step, base_dtype, gathered)
     # The backward's gradients and the allocator's slack come on top of the saved tensors: 1.3x. The host heap
     # also keeps about 0.7 GB of freed activations it cannot give back (it cannot shrink round live blocks), which
     # gradients and AdamW moments allocated later move into: a full run hides it, a LoRA run (almost no such
@@ -946,6 +952,75 @@ def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_siz
              "activations": activations, "logits": logits,
              "process": {"cpu": 0.4e9, "cuda": 0.5e9, "mps": 0.4e9}.get(device, 0.4e9)}
     parts["total"] = sum(parts.values())
+    return parts
+
+
+def activation_bytes(cfg, tokens, dtype):
+    """Bytes the backward keeps per layer on CUDA for `tokens` tokens, the bf16 copies of the layer's weights not
+    included. float32: 4 an element of activation_elements. bf16 / fp16 autocast: 2, but the norms' inputs (the fp32
+    residual stream; CUDA's fused rms_norm keeps nothing else) and the softmax statistics stay fp32, and autocast casts
+    x once per linear that reads it (q, k, v, router). Measured on an H200 with saved-tensor hooks, weight copies
+    included: 85.6 MB a mac_micro layer at 4 x 512 (84.8 by this count), 3.63 GB an 8b_moe layer at 4 x 4096 (3.62)."""
+    if dtype == "float32":
+        return 4 * activation_elements(cfg, tokens)
+    return 2 * activation_elements(cfg, tokens) + (4 * cfg.n_embd + 2 * cfg.n_head) * tokens
+
+
+# The two fitted constants of the CUDA estimate, from issue 20's five H200 rows (torch 2.11, bf16 autocast, eager): the
+# caching allocator's reservation over its peak allocation (sizes rounded up, freed blocks kept for reuse; 1.00-1.16x
+# on 22 runs), and workspaces and small buffers (cuBLAS keeps 32 MiB per thread on Hopper: the forward's and autograd's).
+CUDA_RESERVE, CUDA_WORKSPACE = 1.06, 0.1e9
+
+
+def cuda_peak(cfg, tokens, dtype, world_size, activation_checkpointing, loss_chunk, accumulating, sync_every_micro_step,
+              base_dtype, gathered):
+    """memory_estimate on CUDA, in bytes by part, at the peak: the larger of two moments. The end of the forward: every
+    layer's saved tensors (with activation checkpointing, each block's fp32 input and the bf16 weight copies autocast
+    caches until the forward ends) and the loss's buffers. The backward of one layer: its saved tensors, the gradient
+    of its experts' gate_up output (the largest one) and the incoming fp32 gradient, with all other blocks' gradients
+    allocated. Weights, gradients and AdamW moments are fp32 (fused AdamW makes no copies); with accumulation the
+    gradients stay allocated through the next forwards, without it they appear during the backward. 'reserved' is the
+    figure torch.cuda.max_memory_reserved reports (what an out-of-memory error is about); 'total' adds the CUDA context,
+    to set beside the device's memory. Measured runs: README; none yet of LoRA, FSDP, recursion or compile on CUDA."""
+    n = param_counts(cfg)
+    P, blocks, d, V = n["total"], cfg.n_blocks(), cfg.n_embd, cfg.vocab_size
+    trained = (n["lora"] if cfg.lora_rank else P) / world_size
+    applied = sum(layer_shares(cfg))
+    autocast = dtype != "float32"
+    per_layer, eb = activation_bytes(cfg, tokens, dtype), 2 if autocast else 4  # eb: bytes of a bf16 or fp32 element
+    # the bf16 copy of each fp32 weight a matmul keeps for the backward: none where the weights are bf16 already (FSDP
+    # gathers them so; a bf16 frozen base); a frozen fp32 base's experts are cast on use (FrozenMatmul), not kept
+    attn_params = 2 * d * cfg.head_dim * (cfg.n_head + cfg.n_kv_head) + d * cfg.n_expert  # q, k, v, o, router
+    fp32_weights = autocast and world_size == 1 and not (cfg.lora_rank and base_dtype == "bfloat16")
+    copies = 2 * (attn_params if cfg.lora_rank else (P - n["embedding"] - n["lora"]) / blocks) if fp32_weights else 0
+    cached = 2 * attn_params if fp32_weights and not cfg.lora_rank else 0  # autocast caches trained weights only
+    if loss_chunk:  # LinearCrossEntropy: the head's fp32 gradient, x's, one chunk's fp32 logits (probabilities in place),
+        c = min(loss_chunk, tokens)  # their bf16 copy for the matmuls, and g.t() @ x in bf16, then fp32 [V, d]
+        head = not cfg.lora_rank  # a frozen head needs no gradient
+        loss = 4 * tokens * d + V * (4 * d * head + max(6 * c + 6 * d * head, 10 * c))
+    else:  # the float logits, the log-softmax kept for the backward, and its gradient
+        loss = 12 * tokens * V
+    loss += 2 * V * d if autocast else 0  # the head's bf16 copy
+    if accumulating and world_size > 1 and not sync_every_micro_step:  # FSDP: whole fp32 gradients until the last micro step
+        grads = 4 * trained * world_size + 4 * trained
+    else:
+        grads = 4 * trained if accumulating else 0
+    kept, kept_copies = (4 * tokens * d, cached) if activation_checkpointing else (per_layer, copies)
+    end_of_forward = {"grads": grads, "autocast": applied * kept_copies, "activations": applied * kept, "logits": loss}
+    others = applied - 1 if accumulating else 0  # without accumulation: the last layer's backward, all but its gradients made
+    backward = {"grads": grads if accumulating else 4 * trained * (1 - 1 / blocks),
+                "autocast": copies * (1 if activation_checkpointing else 1 + others),
+                "activations": per_layer + 2 * cfg.experts_per_token * cfg.intermediate_size * tokens * eb + 4 * tokens * d
+                + (4 * tokens * d * (1 + others) if activation_checkpointing else others * per_layer), "logits": 0}
+    weights = 4 * P / world_size
+    if cfg.lora_rank and base_dtype == "bfloat16":
+        weights -= 2 * (P - n["embedding"] - n["lora"]) / world_size
+    parts = {"weights": weights, "optimizer": 8 * trained, "gathered": gathered,
+             **max(end_of_forward, backward, key=lambda p: sum(p.values())), "workspace": CUDA_WORKSPACE}
+    parts["allocator"] = (CUDA_RESERVE - 1) * sum(parts.values())
+    parts["reserved"] = sum(parts.values())
+    parts["process"] = 0.5e9  # the CUDA context, outside the allocator
+    parts["total"] = parts["reserved"] + parts["process"]
     return parts
 
 
@@ -977,4 +1052,4 @@ if __name__ == "__main__":  # python model.py config/8b_moe.py [--key=value]: co
                             settings.get("loss_chunk", 512), max(1, settings.get("grad_accum_steps", 1) // world),
                             settings.get("sync_grads_every_micro_step", False))
         print(f"memory per device, {device} x{world} {dt}, micro batch {B} x {T}: {m['total'] / 1e9:.1f} GB ("
-              + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in m.items() if k != "total") + ")")
+              + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in m.items() if k not in ("total", "reserved")) + ")")

@@ -623,9 +623,10 @@ def main():
         now = time.time()
         if master and (force or now - last_beat >= 1.0):
             used, total = memory_gb(dev, now=True)
+            reserved = torch.cuda.max_memory_reserved(dev) / 1e9 if dev_type == "cuda" else None  # the peak, for bench/memory.py
             checkpoint.write_json_atomic(heartbeat_path, {"time": now, "pid": os.getpid(), "iter": iter_num, "phase": phase,
                                                           "device_mem_gb": used, "device_total_gb": total, "peak_rss_gb": peak_rss_gb(),
-                                                          "eta_s": eta_s()})
+                                                          "max_memory_reserved_gb": reserved, "eta_s": eta_s()})
             last_beat = now
 
     # ---- the loop

@@ -30,13 +30,13 @@ router_aux_loss_coef = 0.005
 # nanoGPT), so 256 = 32 on each of 8 GPUs, and the same 4.2M tokens per step on any number of GPUs
 batch_size = 4
 grad_accum_steps = 256
-# reduce-scatter the gradients after every micro step: each GPU then keeps only its shard of them (38.9 GB per
+# reduce-scatter the gradients after every micro step: each GPU then keeps only its shard of them (30.4 GB per
 # GPU by the estimate). Skipping the sync until the last micro step keeps whole fp32 gradients on every GPU
-# (+31.5 GB: 71.4 GB, too close to 80 for an estimate not yet checked on a GPU) for 32x less reduce traffic; the
+# (+33.4 GB: 63.8 GB, too close to 80 for an estimate not yet checked under FSDP) for 32x less reduce traffic; the
 # per-micro-step reduce-scatter of ~28 GB per GPU overlaps the backward, about 0.1 s of a micro step of ~0.7 s.
 sync_grads_every_micro_step = True
 # without these a micro batch of 16k tokens needs over 200 GB of activations and 46 GB of logits per GPU;
-# with them (and the per-micro-step sync below), ~40 GB per GPU in all on 8 GPUs (python model.py config/8b_moe.py)
+# with them (and the per-micro-step sync below), ~30 GB per GPU in all on 8 GPUs (python model.py config/8b_moe.py)
 activation_checkpointing = True
 loss_chunk = 1024  # 1024 x 201k logits at a time, fused with their gradient: 3.0 GB with the head's fp32 gradient
 dtype = "bfloat16"
