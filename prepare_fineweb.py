@@ -294,10 +294,23 @@ def make_tasks(sources, skip):
 # ----------------------------------------------------------------------------- shards and the resume state
 
 def write_atomic(path, write):
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    """path written whole or not at all. A full disk is one line, and the part written is removed: the shards
+    before it stay, and the same command continues from them once there is space."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        from checkpoint import no_space
+
+        full = no_space(e, path)
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        if full is None:
+            raise
+        fail(f"{full}: free space there (or lower --max_tokens, or use another --out_dir), then run the same command "
+             f"again: it continues from the shards written")
     os.replace(path + ".tmp", path)
 
 
@@ -452,5 +465,6 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except PrepareError as e:
-        sys.exit(f"prepare_fineweb.py: {e}")
+    except PrepareError as e:  # bad input: exit 2, as train.py's
+        print(f"prepare_fineweb.py: {e}", file=sys.stderr)
+        sys.exit(2)
