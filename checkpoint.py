@@ -5,17 +5,28 @@ What a checkpoint is, in a few functions that train.py, sample.py, safe_train.py
     out_dir/.lock          held by the one process that writes to out_dir (an OS lock: a killed holder leaves none)
 The promises: `latest` only ever names a checkpoint verified complete; pruning never removes the one `latest`
 names nor anything saved after it (save order, not iteration number); a missing or damaged checkpoint is a
-loud fallback to an older complete one, never a silent start from zero.
+loud fallback to an older complete one, never a silent start from zero; a save that fails (a full disk) leaves
+no partial checkpoint behind and `latest` where it was.
 This file needs torch only to write and read the DCP files themselves.
 """
+import errno
 import json
 import os
 import shutil
+import tempfile
 import time
 
 
 class CheckpointError(Exception):
     """A checkpoint problem; the message is one line that names the file and the fix."""
+
+
+class Damaged(CheckpointError):
+    """A checkpoint complete by its sizes whose contents do not read (zeros where a power loss left them)."""
+
+
+class DiskFull(CheckpointError):
+    """A save that found no space left: running again will not help until space is freed."""
 
 
 def names(out_dir):
@@ -80,26 +91,122 @@ def read_latest(out_dir):
         return None
 
 
-def find(out_dir, log=print):
+def find(out_dir, log=print, damaged=None):
     """The checkpoint a run resumes from: the one `latest` names if it is complete; else, with one line
     saying why, the newest complete one by save order. None when out_dir holds no checkpoint at all.
+    damaged: {name: what is wrong} for checkpoints that failed to load though their sizes were right.
     Raises CheckpointError when there are checkpoints but none is complete: that is never a fresh start."""
+    damaged = damaged or {}
     latest, found = read_latest(out_dir), names(out_dir)
     if latest is None and not found:
         return None
+    problem_of = lambda n: damaged.get(n) or verify(os.path.join(out_dir, n))
     if latest:
-        problem = verify(os.path.join(out_dir, latest))
+        problem = problem_of(latest)
         if problem is None:
             return os.path.join(out_dir, latest)
         problem = f"{out_dir}/latest names {latest}, but {problem}"
     else:
         problem = f"{out_dir}/latest is missing"
-    good = [n for n in by_save_order(out_dir) if n != latest and verify(os.path.join(out_dir, n)) is None]
+    problem = "; ".join([problem] + [why for n, why in sorted(damaged.items()) if n != latest])
+    good = [n for n in by_save_order(out_dir) if n != latest and problem_of(n) is None]
     if not good:
         raise CheckpointError(f"{problem}, and {out_dir} has no other complete checkpoint: move the damaged one away "
                               f"and pass --resume=False to start over, or use a new --out_dir")
     log(f"{problem}: resuming from {good[-1]}, the newest complete checkpoint, instead")
     return os.path.join(out_dir, good[-1])
+
+
+def first_line(e):
+    """An error as one line; for DCP's CheckpointException, the first rank's own error inside it."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def unreadable(path):
+    """After a load of path failed: the first shard file holding an item that does not deserialize, as one line
+    naming the file; None when every item reads (then the failure was not damage). DCP stores each item as
+    torch.save's bytes at an offset; they are read back as DCP reads them, one at a time."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    meta = FileSystemReader(path).read_metadata()
+    for index, info in sorted(meta.storage_data.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
+        shard = os.path.join(path, info.relative_path)
+        tensor = not isinstance(meta.state_dict_metadata.get(index.fqn), BytesStorageMetadata)
+        try:
+            with open(shard, "rb") as f:
+                f.seek(info.offset)
+                torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=tensor)
+        except Exception as e:
+            return f"{shard} is damaged: {index.fqn} at byte {info.offset:,} does not read ({type(e).__name__})"
+    return None
+
+
+def load(state, path, diagnose=True):
+    """Read the checkpoint at path into state, in place (dcp.load; any number of processes may have written it).
+    Raises Damaged naming the file when one does not read (diagnose=False skips that search: for the ranks that
+    do not report), else CheckpointError with the error DCP met. DCP's CheckpointException derives from
+    BaseException, so `except Exception` alone would let it through as a traceback."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():  # DCP warns that it runs without a process group: that is intended
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, checkpoint_id=path)
+    except (Exception, CheckpointException) as e:
+        problem = unreadable(path) if diagnose else None
+        if problem:
+            raise Damaged(problem) from None
+        raise CheckpointError(f"cannot read {path} ({first_line(e)})") from None
+
+
+def no_space(err, path):
+    """One line when err, raised while writing path, is a full filesystem (which one, how much is free, which
+    file), else None. A full disk hides behind other errors: DCP wraps it in a CheckpointException, torch.save's
+    zip writer in a RuntimeError ("unexpected pos"), numpy in an OSError with no errno ("requested and written").
+    So ENOSPC or EDQUOT anywhere along the chain counts, and so does a filesystem with under 1 MB left."""
+    chain, seen, full = [err], set(), False
+    while chain:
+        e = chain.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        full = full or getattr(e, "errno", None) in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+        chain += [x for x in (e.__cause__, e.__context__) if x is not None]
+        chain += [exc for exc, _ in getattr(e, "failures", {}).values()]
+    where = os.path.abspath(path)
+    while not os.path.isdir(where):
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
+    if not full and free >= 2**20:
+        return None
+    mount = os.path.realpath(where)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    return f"no space left on {mount} ({free / 1e6:.1f} MB free) writing {path}"
+
+
+def unwritable(path):
+    """One line when nothing can be written at path (a read-only filesystem, no permission), else None. Checked
+    before any work and without creating anything: where path does not exist yet, its nearest existing parent is
+    tried, with a file that has no name (O_TMPFILE) where the OS has them, removed at once elsewhere."""
+    where = os.path.abspath(path)
+    while not os.path.isdir(where):
+        where = os.path.dirname(where)
+    try:
+        tempfile.TemporaryFile(dir=where).close()
+    except OSError as e:
+        return f"{path} cannot be written ({e.strerror}{'' if where == os.path.abspath(path) else f' at {where}'})"
+    return None
 
 
 def write_json_atomic(path, obj):
@@ -111,27 +218,44 @@ def write_json_atomic(path, obj):
 def save(out_dir, iter_num, state, config, master, barrier):
     """Write out_dir/ckpt_<iter_num>/ (every rank writes its shards; DCP's save is collective), verify it,
     then rename it into place and point `latest` at it. It is written under a temporary name first, so a
-    kill at any moment leaves the previous checkpoint and `latest` as they were."""
+    kill at any moment leaves the previous checkpoint and `latest` as they were. A save that fails is removed
+    at once; on a full disk it raises DiskFull (one line), on every rank (DCP shares a failed write with all)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     name = f"ckpt_{iter_num}"
     final, tmp, old = (os.path.join(out_dir, n) for n in (name, f".{name}.tmp", f".{name}.old"))
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    dcp.save(state, checkpoint_id=tmp)
-    if master:
-        write_json_atomic(os.path.join(tmp, "config.json"), {**config, "saved_at": time.time()})
-        problem = verify(tmp)
-        if problem:
-            raise CheckpointError(f"the checkpoint just written is not readable: {problem}; latest still names the previous one")
-        if os.path.exists(final):  # the same iteration saved again (latest does not name it): swap, never delete first
-            os.rename(final, old)
-        os.rename(tmp, final)
-        with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
-            f.write(name)
-        os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
-        shutil.rmtree(old, ignore_errors=True)
+    try:
+        dcp.save(state, checkpoint_id=tmp)
+        if master:
+            write_json_atomic(os.path.join(tmp, "config.json"), {**config, "saved_at": time.time()})
+            problem = verify(tmp)
+            if problem:
+                raise CheckpointError(f"the checkpoint just written is not readable: {problem}; latest still names the previous one")
+            if os.path.exists(final):  # the same iteration saved again (latest does not name it): swap, never delete first
+                os.rename(final, old)
+            os.rename(tmp, final)
+            with open(os.path.join(out_dir, "latest.tmp"), "w") as f:
+                f.write(name)
+            os.replace(os.path.join(out_dir, "latest.tmp"), os.path.join(out_dir, "latest"))
+            shutil.rmtree(old, ignore_errors=True)
+    except (Exception, CheckpointException) as e:
+        ranks = list(getattr(e, "failures", {}))  # DCP: the ranks whose write failed, each writing __<rank>_0.distcp
+        full = no_space(e, os.path.join(tmp, f"__{ranks[0]}_0.distcp") if ranks else getattr(e, "filename", None) or tmp)
+        if master:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.exists(os.path.join(out_dir, "latest.tmp")):
+                os.remove(os.path.join(out_dir, "latest.tmp"))
+        if full is None:
+            raise
+        last = read_latest(out_dir)
+        last_dir = os.path.join(out_dir, last or "")
+        size = sum(f.stat().st_size for f in os.scandir(last_dir)) if last and os.path.isdir(last_dir) else 0
+        raise DiskFull(f"{full} (a checkpoint here takes {size / 1e6:.1f} MB; the partial save is removed, latest still "
+                       f"names {last or 'none'})") from None
     barrier()
     return final
 

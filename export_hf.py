@@ -240,9 +240,7 @@ def load_weights(model, kind, path):
     """Weights only, into a model whose parameters exist (on a device, possibly FSDP-sharded)."""
     if kind == "hf":
         return load_hf_weights(model, path)
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
+    import checkpoint
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
     with open(os.path.join(path, "config.json")) as f:
@@ -251,9 +249,10 @@ def load_weights(model, kind, path):
     if adapters:  # a fine-tune's checkpoint holds its adapters only: the base it names comes first
         load_weights(model, saved["base"]["kind"], saved["base"]["path"])
     state = {"model": {k: v for k, v in get_model_state_dict(model).items() if ("lora_" in k) == adapters}}
-    with warnings.catch_warnings():  # DCP warns that it runs without a process group: that is intended here
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=path)
+    try:
+        checkpoint.load(state, path)
+    except checkpoint.CheckpointError as e:  # a damaged file, named: an older checkpoint is the way out
+        raise BridgeError(f"{e}: use an older checkpoint (another ckpt_<iter> folder)")
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
 
 
@@ -303,12 +302,20 @@ def tokenizer_files(enc):
 
 # ----------------------------------------------------------------------------- adapters
 
+def save_safetensors(tensors, path):
+    """safetensors' save_file, then the file made readable as the umask allows (save_file leaves it 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_peft_adapter(state, cfg, base_path, out):
     """A fine-tune's adapters in peft's format (adapter_model.safetensors + adapter_config.json), the one that
     transformers (PeftModel.from_pretrained) and llama.cpp's convert_lora_to_gguf.py read. Attention adapters use
     peft's names; the experts' per-expert adapters keep ours (lora_A [E, in, r], lora_B [E, r, out])."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for name, t in state.items():
         if "lora_" not in name:
@@ -319,7 +326,7 @@ def write_peft_adapter(state, cfg, base_path, out):
             key = f"base_model.model.{hf_name(name)}"
         tensors[key] = t.detach().to("cpu", torch.float32).contiguous()
     os.makedirs(out + ".tmp", exist_ok=True)
-    save_file(tensors, os.path.join(out + ".tmp", "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, os.path.join(out + ".tmp", "adapter_model.safetensors"))
     targets = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "router": "router"}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path, "r": cfg.lora_rank,
               "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
@@ -336,8 +343,7 @@ def write_peft_adapter(state, cfg, base_path, out):
 def export(ckpt, out, dtype=""):
     """A nanoOSS checkpoint (any world size wrote it) -> an HF GptOss directory at out, written under a temporary
     name and renamed when whole: a killed export never leaves a directory that looks finished."""
-    from safetensors.torch import save_file
-
+    import checkpoint
     from data_loader import DataError, get_tokenizer
     from model import GPT, GPTConfig
 
@@ -346,6 +352,9 @@ def export(ckpt, out, dtype=""):
         raise BridgeError(f"{ckpt} is already an HF directory")
     if os.path.exists(out) and os.listdir(out):
         raise BridgeError(f"{out} exists and is not empty: choose a new --out (nothing is written over)")
+    unwritable = checkpoint.unwritable(os.path.dirname(os.path.abspath(out)))  # where the export is written, then renamed
+    if unwritable:
+        raise BridgeError(f"--out {out}: {unwritable}: choose an --out you can write to")
     cfg = GPTConfig.from_dict(settings)
     cfg.lora_rank = 0  # a fine-tune is exported merged: its adapters folded into the base's weights
     try:
@@ -385,7 +394,7 @@ def export(ckpt, out, dtype=""):
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+        save_safetensors(shard, os.path.join(tmp, fname))
         weight_map.update({k: fname for k in shard})
     files = {"config.json": config, "generation_config.json": {"eos_token_id": config["eos_token_id"],
                                                                "pad_token_id": config["pad_token_id"], "do_sample": True}}

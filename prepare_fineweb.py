@@ -328,10 +328,23 @@ def make_tasks(sources, skip):
 # ----------------------------------------------------------------------------- shards and the resume state
 
 def write_atomic(path, write):
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
+    """path written whole or not at all. A full disk is one line, and the part written is removed: the shards
+    before it stay, and the same command continues from them once there is space."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        from checkpoint import no_space
+
+        full = no_space(e, path)
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        if full is None:
+            raise
+        fail(f"{full}: free space there (or lower --max_tokens, or use another --out_dir), then run the same command "
+             f"again: it continues from the shards written")
     os.replace(path + ".tmp", path)
 
 
@@ -499,8 +512,9 @@ def main():
 if __name__ == "__main__":
     try:
         main()
-    except PrepareError as e:
-        sys.exit(f"prepare_fineweb.py: {e}")
+    except PrepareError as e:  # bad input: exit 2, as train.py's
+        print(f"prepare_fineweb.py: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: the finished shards and prepare_state.json are whole, nothing is lost
         print("\n" * sys.stderr.isatty() + f"prepare_fineweb.py: stopped; rerun the same command to continue from the "
               f"last finished shard in {out_dir}", file=sys.stderr)

@@ -294,14 +294,27 @@ def main(argv):
     pid = checkpoint.holder(out_dir)
     if pid:
         raise Refused(checkpoint.in_use(out_dir, pid))
+    unwritable = checkpoint.unwritable(out_dir)
+    if unwritable:
+        raise Refused(f"out_dir error: {unwritable}: use another --out_dir")
     os.makedirs(out_dir, exist_ok=True)
     log_path, samples_path = os.path.join(out_dir, "safe_training.log"), os.path.join(out_dir, "memory_monitoring.jsonl")
+    unwritten = set()
+
+    def append(path, line):
+        """The supervisor's own files are a record, not the run: one that cannot be written (a full disk, which
+        train.py reports in its own line) is said once on the console, never a crash of the supervisor."""
+        try:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            if path not in unwritten:
+                unwritten.add(path)
+                print(f"safe_train: cannot write {path} ({e.strerror}): going on without it", flush=True)
 
     def log(msg):
-        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
         print(f"safe_train: {msg}", flush=True)
-        with open(log_path, "a") as f:
-            f.write(line + "\n")
+        append(log_path, f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}")
 
     from data_loader import DataError, build_data, needs_building
 
@@ -367,11 +380,10 @@ def main(argv):
             if plateau and used < 1.15 * plateau:
                 ahead = min(ahead, max(used, plateau))
             peak = max(peak, used)
-            with open(samples_path, "a") as f:
-                f.write(json.dumps({"time": now, "pid": child.pid, "used_gb": used / GB, "tree_gb": tree / GB,
-                                    "rate_gb_s": rate / GB, "available_gb": vm.available / GB, "budget_gb": budget / GB,
-                                    "iter": (beat or {}).get("iter"), "phase": (beat or {}).get("phase"),
-                                    "device_mem_gb": (beat or {}).get("device_mem_gb")}) + "\n")
+            append(samples_path, json.dumps({"time": now, "pid": child.pid, "used_gb": used / GB, "tree_gb": tree / GB,
+                                             "rate_gb_s": rate / GB, "available_gb": vm.available / GB, "budget_gb": budget / GB,
+                                             "iter": (beat or {}).get("iter"), "phase": (beat or {}).get("phase"),
+                                             "device_mem_gb": (beat or {}).get("device_mem_gb")}))
             if sent_term:
                 if now - sent_term > grace_s:
                     log(f"no exit {grace_s:.0f} s after SIGTERM: SIGKILL")

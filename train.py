@@ -33,6 +33,7 @@ data_dir = "data/stdlib_docs"  # meta.json + token shards (prepare_fineweb.py)
 data_recipe = "--corpus=stdlib --encoding=o200k_base --val_tokens=100000"
 out_dir = "out"
 resume = True  # continue from out_dir/latest when there is one
+allow_new_tokenizer = False  # resume on data made with another tokenizer than the checkpoint's (a deliberate switch)
 init_from = ""  # a fresh run starts from these weights alone: an HF GptOss directory (bf16, or MXFP4 experts) or a nanoOSS
 # checkpoint (or out_dir). Its model settings replace the config's (block_size stays yours); iteration 0, fresh optimizer.
 # A rerun resumes from out_dir as usual: init_from only seeds a run that has no checkpoint yet.
@@ -306,9 +307,10 @@ def open_trackers(config):
     return trackers
 
 
-def choose_checkpoint(config, model_keys):
+def choose_checkpoint(config, model_keys, meta, damaged=None):
     """Rank 0, before anything in out_dir is written: the checkpoint to resume from, or None for a fresh
-    start. Raises CheckpointError (one line) for an out_dir this run must not touch."""
+    start. damaged: checkpoints that failed to load, passed over (checkpoint.find). Raises CheckpointError (one
+    line) for an out_dir this run must not touch, or data made with another tokenizer than the checkpoint's."""
     import checkpoint
 
     if not resume:
@@ -318,7 +320,7 @@ def choose_checkpoint(config, model_keys):
                 f"{out_dir} already holds checkpoints ({', '.join(sorted(existing, key=lambda n: int(n[5:]))[-3:])}) and "
                 f"--resume=False: pass --resume=True to continue that run, --overwrite=True to start over in it, or use a new --out_dir")
         return None
-    ckpt = checkpoint.find(out_dir)
+    ckpt = checkpoint.find(out_dir, damaged=damaged)
     if ckpt:
         with open(os.path.join(ckpt, "config.json")) as f:
             saved = json.load(f)
@@ -331,6 +333,13 @@ def choose_checkpoint(config, model_keys):
             raise checkpoint.CheckpointError(
                 f"config error: the base {config['base']['path']} differs from the one the adapters in {ckpt} were trained on "
                 f"({saved.get('base', {}).get('path')}): use that base, or a new --out_dir to start over")
+        # the same ids would mean other text: the vocabulary sizes can agree while the tokenizers do not
+        if saved.get("tokenizer") and (saved["tokenizer"], saved.get("eot")) != (meta.get("tokenizer"), meta.get("eot")) \
+                and not allow_new_tokenizer:
+            raise checkpoint.CheckpointError(
+                f"data error: {data_dir}/meta.json says tokenizer {meta.get('tokenizer')} (eot {meta.get('eot')}), but {ckpt} "
+                f"was trained on {saved['tokenizer']} (eot {saved.get('eot')}): use data made with that tokenizer, a new "
+                f"--out_dir, or --allow_new_tokenizer=True to switch on purpose")
     return ckpt
 
 
@@ -339,7 +348,6 @@ def main():
     from configurator import configure
     from data_loader import DataError, DataLoader, build_data, get_tokenizer, needs_building
     from model import GPT, GPTConfig, flops_per_token, param_counts, pick_dtype
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     # ---- set-up: settings, processes, device and precision, data; nothing in out_dir is touched until all are good
@@ -366,6 +374,9 @@ def main():
     rank, world, dev = setup_distributed(device)
     master = rank == 0  # logs, samples to the console, decides about out_dir, writes files other than checkpoint shards
     dist = world > 1
+    unwritable = None if eval_only else checkpoint.unwritable(out_dir)  # eval_only writes nothing
+    if unwritable:
+        fail(f"out_dir error: {unwritable}: use another --out_dir") if master else sys.exit(BAD_INPUT)
     if grad_accum_steps % world:
         fail(f"config error: grad_accum_steps {grad_accum_steps} is not a multiple of the {world} processes: "
              f"it counts micro steps over all ranks; use {max(world, grad_accum_steps // world * world)}")
@@ -445,26 +456,37 @@ def main():
 
     # ---- out_dir: rank 0 decides what to resume (every node may see its own files: only one decides), takes
     # the writer lock and clears what a killed save left; then every rank checks it can see the choice
-    verdict = None
-    if master:
-        try:
-            ckpt = choose_checkpoint(config, model_keys)
-            if not eval_only:  # eval_only reads, and writes nothing
-                os.makedirs(out_dir, exist_ok=True)
-                lock = checkpoint.lock(out_dir)  # held until this process ends
-                checkpoint.remove_leftovers(out_dir)
-            verdict = {"ckpt": ckpt}
-        except checkpoint.CheckpointError as e:
-            verdict = {"error": str(e)}
-    verdict = from_rank0(verdict)
-    if "error" in verdict:
-        fail(verdict["error"]) if master else sys.exit(BAD_INPUT)
-    ckpt = verdict["ckpt"]
-    if ckpt:
-        unseen = not os.path.exists(os.path.join(ckpt, ".metadata")) or test_hook(f"hide_checkpoint:{rank}")
-        if any_rank(unseen):
-            fail(f"rank {rank} cannot see {ckpt}, the checkpoint rank 0 chose: out_dir must be one filesystem that "
-                 f"every node shares (README, 'Resuming')") if unseen else sys.exit(BAD_INPUT)
+    def agree(choose):
+        """Rank 0's choice (choose() runs there alone; it may raise CheckpointError), made every rank's."""
+        verdict = None
+        if master:
+            try:
+                verdict = {"ckpt": choose()}
+            except checkpoint.CheckpointError as e:
+                verdict = {"error": str(e)}
+        verdict = from_rank0(verdict)
+        if "error" in verdict:
+            fail(verdict["error"]) if master else sys.exit(BAD_INPUT)
+        chosen = verdict["ckpt"]
+        if chosen:
+            unseen = not os.path.exists(os.path.join(chosen, ".metadata")) or test_hook(f"hide_checkpoint:{rank}")
+            if any_rank(unseen):
+                fail(f"rank {rank} cannot see {chosen}, the checkpoint rank 0 chose: out_dir must be one filesystem that "
+                     f"every node shares (README, 'Resuming')") if unseen else sys.exit(BAD_INPUT)
+        return chosen
+
+    lock = None  # out_dir's writer lock, held until this process ends
+
+    def first_choice():
+        nonlocal lock
+        chosen = choose_checkpoint(config, model_keys, meta)
+        if not eval_only:  # eval_only reads, and writes nothing
+            os.makedirs(out_dir, exist_ok=True)
+            lock = checkpoint.lock(out_dir)
+            checkpoint.remove_leftovers(out_dir)
+        return chosen
+
+    ckpt = agree(first_choice)
 
     # ---- model and optimizer
     cfg = GPTConfig.from_dict(config)
@@ -497,15 +519,28 @@ def main():
     scaler = torch.amp.GradScaler(dev_type, enabled=dt == "float16")
     iter_num, best_val_loss = 0, float("inf")
 
-    # ---- resume
-    if ckpt:
+    # ---- resume. A checkpoint complete by its sizes may still not read (zeros where a power loss left them), which
+    # shows only here: rank 0 names the file and picks the one before it, and every rank loads that instead
+    damaged = {}
+    while ckpt:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": saved_part(model_sd), "optim": optim_sd, "trainer": b""}
         try:
-            dcp.load(state, checkpoint_id=ckpt)
-        except Exception as e:  # verified complete by its sizes, yet unreadable: say which, never a traceback
-            fail(f"checkpoint error: cannot read {ckpt} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): move it "
-                 f"away to resume from the one before")
+            checkpoint.load(state, ckpt, diagnose=master)
+            error = None
+        except checkpoint.CheckpointError as e:
+            error = e
+        if not any_rank(error is not None):
+            break
+
+        def fallback(failed=ckpt):
+            if not isinstance(error, checkpoint.Damaged):  # the files read: something else is wrong, which an older one shares
+                raise checkpoint.CheckpointError(f"checkpoint error: {error or f'another rank cannot read {failed}'}: "
+                                                 f"move it away to resume from the one before")
+            damaged[os.path.basename(failed)] = str(error)
+            return choose_checkpoint(config, model_keys, meta, damaged)
+        ckpt = agree(fallback)
+    if ckpt:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=not lora_rank))
         trainer = pickle.loads(state["trainer"])
@@ -530,6 +565,8 @@ def main():
             path = checkpoint.save(out_dir, iter_num, {"model": saved_part(model_sd), "optim": optim_sd, "trainer": pickle.dumps(trainer)},
                                    {**config, "tokenizer": meta.get("tokenizer"), "eot": meta.get("eot"), "world_size": world},
                                    master, barrier)
+        except checkpoint.DiskFull as e:  # bad input to the run (its out_dir): a restart cannot help, exit 2
+            fail(f"checkpoint error: {e}: free space there, lower --keep_last_n (now {keep_last_n}), or use another --out_dir")
         except checkpoint.CheckpointError as e:
             fail(f"checkpoint error: {e}", 1)
         if master:
@@ -618,15 +655,26 @@ def main():
     heartbeat_path = os.path.join(out_dir, "heartbeat.json")
     last_beat = 0.0
 
+    def out_of_space(e, path):
+        """A write to out_dir that failed on a full disk ends the run in one line, exit 2: a restart cannot help
+        until space is freed, and latest still names the last good checkpoint. Any other error goes on as raised."""
+        full = checkpoint.no_space(e, path)
+        if full is None:
+            raise e
+        fail(f"{full}: free space there or use another --out_dir; latest still names {checkpoint.read_latest(out_dir) or 'none'}")
+
     def heartbeat(phase, force=False):
         nonlocal last_beat
         now = time.time()
         if master and (force or now - last_beat >= 1.0):
             used, total = memory_gb(dev, now=True)
             reserved = torch.cuda.max_memory_reserved(dev) / 1e9 if dev_type == "cuda" else None  # the peak, for bench/memory.py
-            checkpoint.write_json_atomic(heartbeat_path, {"time": now, "pid": os.getpid(), "iter": iter_num, "phase": phase,
-                                                          "device_mem_gb": used, "device_total_gb": total, "peak_rss_gb": peak_rss_gb(),
-                                                          "max_memory_reserved_gb": reserved, "eta_s": eta_s()})
+            try:
+                checkpoint.write_json_atomic(heartbeat_path, {"time": now, "pid": os.getpid(), "iter": iter_num, "phase": phase,
+                                                              "device_mem_gb": used, "device_total_gb": total, "peak_rss_gb": peak_rss_gb(),
+                                                              "max_memory_reserved_gb": reserved, "eta_s": eta_s()})
+            except OSError as e:
+                out_of_space(e, heartbeat_path)
             last_beat = now
 
     # ---- the loop
@@ -641,8 +689,11 @@ def main():
 
     def log(record):
         if master:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            try:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            except OSError as e:
+                out_of_space(e, log_path)
             for track in trackers:
                 track(record)
 

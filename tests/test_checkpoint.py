@@ -2,6 +2,7 @@
 deletes the newest, a damaged or missing checkpoint is a loud fallback (never a silent start from zero), and
 one writer per out_dir. Real train.py runs and real DCP checkpoints on disk, damaged the way disks and kills do."""
 import glob
+import json
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY, full_only, run_script, write_data_dir
 from test_train import read_log, tree_digest
 
 import checkpoint
@@ -75,6 +76,48 @@ def test_a_shard_cut_short_falls_back_in_train_and_is_one_line_in_sample(run_dir
     assert f"{shard} is cut short" in r.stdout and "resuming from ckpt_4" in r.stdout
 
 
+def zero_fill(path):
+    """What some filesystems leave after a power loss: the file at its full length, all zeros."""
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.write(bytes(size))
+    return path
+
+
+def test_zero_filled_shards_fall_back_in_train_naming_each_file_and_are_one_line_in_sample_and_export(run_dir, data_dir, tmp_path):
+    """Their sizes are right, so the damage shows only when loading, after the choice: train.py passes over
+    ckpt_6, then ckpt_4, and resumes from ckpt_2; sample.py and export_hf.py name the file in one line."""
+    from export_hf import BridgeError, export
+
+    shard6, shard4 = (zero_fill(glob.glob(os.path.join(run_dir, f"ckpt_{i}", "*.distcp"))[0]) for i in (6, 4))
+    line = one_line(run_script("sample.py", f"--out_dir={run_dir}", "--max_new_tokens=4"))
+    assert f"{shard6} is damaged" in line and "use an older checkpoint" in line
+    with pytest.raises(BridgeError, match=f"{shard6} is damaged"):  # export_hf.py's one line (its main prints it)
+        export(run_dir, str(tmp_path / "hf"))
+    assert not os.path.exists(tmp_path / "hf")
+    r = train(run_dir, data_dir, "--max_iters=6")
+    assert r.returncode == 0, r.stderr
+    assert f"latest names ckpt_6, but {shard6} is damaged" in r.stdout and "resuming from ckpt_4" in r.stdout
+    assert f"{shard4} is damaged" in r.stdout and "resuming from ckpt_2" in r.stdout and "at iter 2" in r.stdout
+    assert checkpoint.read_latest(run_dir) == "ckpt_6" and checkpoint.unreadable(os.path.join(run_dir, "ckpt_6")) is None
+    assert [x["iter"] for x in read_log(run_dir)] == list(range(1, 7))
+
+
+def test_resuming_on_data_made_with_another_tokenizer_is_refused_unless_switched_on_purpose(run_dir, corpus, tmp_path):
+    """The same documents and shard names, another tokenizer whose ids still fit the model (eot 2048, not 4096)."""
+    other = str(tmp_path / "data_2048")
+    write_data_dir(other, corpus, tokenizer="o200k_base:2048")
+    before = tree_digest(run_dir)
+    line = one_line(train(run_dir, other, "--max_iters=8"))
+    assert r"tokenizer o200k_base:2048 (eot 2048)" in line and "trained on o200k_base:4096 (eot 4096)" in line
+    assert "--allow_new_tokenizer=True" in line and line.startswith("data error: ")
+    assert tree_digest(run_dir) == before
+    r = train(run_dir, other, "--max_iters=7", "--allow_new_tokenizer=True")
+    assert r.returncode == 0, r.stderr
+    saved = json.load(open(os.path.join(run_dir, "ckpt_7", "config.json")))
+    assert (saved["tokenizer"], saved["eot"]) == ("o200k_base:2048", 2048)
+
+
 def test_checkpoint_missing_its_metadata_is_one_line_in_sample(run_dir):
     os.remove(os.path.join(run_dir, "ckpt_6", ".metadata"))
     assert "ckpt_6/.metadata is missing" in one_line(run_script("sample.py", f"--out_dir={run_dir}"))
@@ -134,3 +177,20 @@ def test_a_second_writer_is_refused_naming_the_pid_and_kill_9_leaves_no_stale_lo
         first.communicate()
     r = train(run_dir, data_dir, "--max_iters=8")  # the OS released the lock with the process
     assert r.returncode == 0, r.stderr
+
+
+@full_only
+def test_a_shard_found_damaged_on_loading_under_torchrun_makes_every_rank_resume_the_one_before(tmp_path, data_dir):
+    """Two processes (gloo): rank 1's shard of ckpt_4 is zeros. Both ranks fail to load it; rank 0 names the file
+    and picks ckpt_2, and both load that. Judged by the files the run wrote (DESIGN.md: gloo's exit aborts)."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *ARGS,
+           "--grad_accum_steps=2", f"--data_dir={data_dir}", f"--out_dir={out}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    r = subprocess.run([*cmd, "--max_iters=4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert checkpoint.read_latest(out) == "ckpt_4", r.stderr[-3000:]
+    shard = zero_fill(os.path.join(out, "ckpt_4", "__1_0.distcp"))
+    r = subprocess.run([*cmd, "--max_iters=6"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert checkpoint.read_latest(out) == "ckpt_6", r.stderr[-3000:]
+    assert f"{shard} is damaged" in r.stdout and "resuming from ckpt_2" in r.stdout and "at iter 2" in r.stdout
+    assert [x["iter"] for x in read_log(out)] == list(range(1, 7))
