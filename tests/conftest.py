@@ -69,3 +69,7 @@ full_only = pytest.mark.skipif(not os.environ.get("NANOOSS_FULL_TESTS"),
 TINY = ["--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--head_dim=16", "--n_expert=4",
         "--experts_per_token=2", "--intermediate_size=64", "--sliding_window=16", "--block_size=64",
         "--vocab_size=4097", "--tie_embeddings=True", "--batch_size=8", "--sample_every=0", "--compile=False"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU and skips without one (python bench/gpu_check.py runs them on a GPU)")

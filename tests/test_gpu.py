@@ -1,0 +1,81 @@
+"""What a CUDA GPU must agree with: fp32 logits equal the CPU's, KV-cache decoding gives the tokens of rerunning the
+context, a compiled model gives the eager model's loss and gradients. They skip without CUDA; on a GPU,
+`python bench/gpu_check.py` runs them (`python -m pytest -q -m cuda tests`)."""
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.py)")]
+
+# 4 layers: sliding and full attention both, at 300 tokens past the window of 64
+SHAPE = dict(vocab_size=4096, block_size=512, n_layer=4, n_embd=256, n_head=4, n_kv_head=2, head_dim=64, n_expert=8,
+             experts_per_token=2, intermediate_size=256, sliding_window=64, tie_embeddings=False)
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """fp32 matmuls in full fp32: TF32 keeps 10 bits of mantissa (~1e-3), which would hide any real difference.
+    set_float32_matmul_precision is the one switch that works beside both the old and the new TF32 flags."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def random_model(**changes):
+    """Biases and sinks random too (they start at 0), so that every part of the network moves the logits."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**SHAPE, **changes}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name or "sinks" in name:
+                p.normal_(0.0, 0.5 if "sinks" in name else 0.02)
+    return model
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_fp32_logits_on_cuda_equal_the_cpus():
+    model = random_model().eval()
+    x = torch.randint(0, SHAPE["vocab_size"], (2, 300))
+    with torch.no_grad():
+        want, want_loss, _ = model(x, x)
+        got, got_loss, _ = model.cuda()(x.cuda(), x.cuda())
+    assert rel(got.cpu(), want) < 1e-5
+    assert abs(got_loss.item() - want_loss.item()) < 1e-5 * want_loss.item()
+
+
+def test_kv_cache_greedy_tokens_on_cuda_equal_rerunning_the_context():
+    model = random_model().cuda().eval()
+    prompt = torch.randint(0, SHAPE["vocab_size"], (2, 100), device="cuda")
+    with torch.no_grad():  # 100 new tokens: past the sliding window, so the cache drops keys as it goes
+        cached = model.generate(prompt, 100, temperature=0, use_cache=True)
+        rerun = model.generate(prompt, 100, temperature=0, use_cache=False)
+    assert torch.equal(cached, rerun)
+
+
+def test_compiled_model_on_cuda_gives_the_eager_loss_and_gradients_in_fp32():
+    from torch._dynamo.utils import counters
+
+    model = random_model(n_layer=2).cuda()
+    model.loss_chunk = 512  # as train.py: the loss fused with its gradient (model.LinearCrossEntropy)
+    x = torch.randint(0, SHAPE["vocab_size"], (2, 256), device="cuda")
+
+    def step(forward):
+        model.zero_grad(set_to_none=True)
+        _, loss, stats = forward(x, x)
+        (loss + 0.01 * stats["aux"] + 0.001 * stats["z"]).backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_loss, eager_grads = step(model)
+    torch._dynamo.reset()
+    counters.clear()
+    # one shape, so dynamic=False: what is compared is inductor's arithmetic, whichever policy train.py picks
+    loss, grads = step(torch.compile(model, dynamic=False))
+    assert counters["stats"]["unique_graphs"] > 0  # compiled graphs ran (dynamo raises its errors: none suppressed)
+    assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss)
+    assert grads.keys() == eager_grads.keys()
+    assert rel(torch.cat([g.flatten() for g in grads.values()]), torch.cat([g.flatten() for g in eager_grads.values()])) < 1e-4
