@@ -168,13 +168,14 @@ def peak_memory_gb(dev):
 
 
 def main():
-    from configurator import configure
+    from configurator import check_device, configure
     from model import flops_per_token, param_counts, pick_device, pick_dtype
 
     argv = sys.argv[1:]
     if not any(a.endswith(".py") for a in argv):
         argv = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "mac_micro.py"), *argv]
     config = configure(globals(), argv)
+    check_device(device)
     dev = pick_device(device)
     dev_type = dev.split(":")[0]
     if dev_type == "cpu":
@@ -257,4 +258,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from configurator import run
+
+    run(main)

@@ -16,8 +16,10 @@ import shutil
 import tempfile
 import time
 
+from configurator import BadInput
 
-class CheckpointError(Exception):
+
+class CheckpointError(BadInput):
     """A checkpoint problem; the message is one line that names the file and the fix."""
 
 

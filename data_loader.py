@@ -13,8 +13,10 @@ import os
 
 import numpy as np
 
+from configurator import BadInput
 
-class DataError(ValueError):
+
+class DataError(BadInput, ValueError):
     """Bad data on disk; the message is one line that names the file and the fix."""
 
 
@@ -203,7 +205,8 @@ def get_tokenizer(name):
         return enc
     n = int(cut)
     ranks = {tok: r for tok, r in enc._mergeable_ranks.items() if r < n}
-    assert len(ranks) == n, f"{base} has gaps below rank {n}"
+    if n < 256 or len(ranks) != n:  # the 256 bytes come first: fewer could not encode every text
+        raise DataError(f"tokenizer {name}: {base}:N takes N from 256 to {len(enc._mergeable_ranks)}")
     return tiktoken.Encoding(name=name, pat_str=enc._pat_str, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": n})
 
 
@@ -256,6 +259,20 @@ def install_tokenizer_file(path, name):
         shutil.copyfile(os.path.join(scratch, key), os.path.join(cache, key) + ".tmp")
         os.replace(os.path.join(cache, key) + ".tmp", os.path.join(cache, key))
     return get_tokenizer(name)
+
+
+def decodable(enc, vocab_size):
+    """A bool mask over a model's vocab_size outputs, True for the ids enc can decode: what generation may pick. The
+    rest are the padding past the tokenizer (vocabularies are padded to a multiple of 64: o200k_base:32768 has 32,769
+    ids in 32,832 outputs) and the holes inside it (o200k_base has no token 199998 nor 200000-200017)."""
+    mask = np.zeros(vocab_size, dtype=bool)
+    for i in range(min(enc.n_vocab, vocab_size)):
+        try:
+            enc.decode_single_token_bytes(i)
+            mask[i] = True
+        except KeyError:
+            pass
+    return mask
 
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # harmony's roles; a record's roles in any case

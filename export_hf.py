@@ -13,9 +13,13 @@ import glob
 import json
 import os
 import shutil
-import sys
 
 import torch
+
+from configurator import BadInput
+
+# the export's settings (--key=value): dtype auto keeps the checkpoint's (fp32 after training), or bfloat16, ...
+SETTINGS = {"ckpt": "", "out": "", "dtype": "auto"}
 
 # HF config fields that do not change the math of a forward pass, read or ignored as noted
 HF_IGNORED = {
@@ -30,7 +34,7 @@ FP4_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 SHARD_BYTES = 5 * 10**9  # safetensors files under 5 GB, as transformers writes them
 
 
-class BridgeError(Exception):
+class BridgeError(BadInput):
     """A directory or setting that cannot cross; the message is one line naming the file and the fix."""
 
 
@@ -340,11 +344,11 @@ def write_peft_adapter(state, cfg, base_path, out):
 
 # ----------------------------------------------------------------------------- export
 
-def export(ckpt, out, dtype=""):
+def export(ckpt, out, dtype="auto"):
     """A nanoOSS checkpoint (any world size wrote it) -> an HF GptOss directory at out, written under a temporary
     name and renamed when whole: a killed export never leaves a directory that looks finished."""
     import checkpoint
-    from data_loader import DataError, get_tokenizer
+    from data_loader import get_tokenizer
     from model import GPT, GPTConfig
 
     settings, kind, path = base_settings(ckpt)
@@ -357,10 +361,7 @@ def export(ckpt, out, dtype=""):
         raise BridgeError(f"--out {out}: {unwritable}: choose an --out you can write to")
     cfg = GPTConfig.from_dict(settings)
     cfg.lora_rank = 0  # a fine-tune is exported merged: its adapters folded into the base's weights
-    try:
-        enc = get_tokenizer(settings["tokenizer"]) if settings.get("tokenizer") else None
-    except DataError as e:
-        raise BridgeError(str(e))
+    enc = get_tokenizer(settings["tokenizer"]) if settings.get("tokenizer") else None
     if enc is not None and enc.n_vocab > cfg.vocab_size:
         raise BridgeError(f"tokenizer {settings['tokenizer']} has ids up to {enc.n_vocab - 1}, beyond the model's vocab_size "
                           f"{cfg.vocab_size}: the checkpoint's config.json names the wrong tokenizer")
@@ -373,7 +374,7 @@ def export(ckpt, out, dtype=""):
     tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # a killed export's leftovers: ours to remove
     os.makedirs(tmp)
-    want = getattr(torch, dtype) if dtype else None
+    want = getattr(torch, dtype) if dtype not in ("", "auto") else None
     tensors = {}
     for n, p in model.named_parameters():  # a shared block is written once per use: an unrolled GptOss, exactly equal
         t = (p.detach().to(want) if want else p.detach()).contiguous()
@@ -415,8 +416,7 @@ def export(ckpt, out, dtype=""):
 def main():
     from configurator import configure
 
-    settings = {"ckpt": "", "out": "", "dtype": ""}  # dtype: as stored (fp32 after training), or bfloat16
-    configure(settings, keys=list(settings))
+    settings = configure(dict(SETTINGS))
     if not settings["ckpt"] or not settings["out"]:
         raise BridgeError("usage: python export_hf.py --ckpt=OUT_DIR_OR_CKPT --out=HF_DIR [--dtype=bfloat16]")
     out = export(settings["ckpt"], settings["out"], settings["dtype"])
@@ -424,7 +424,6 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BridgeError as e:
-        sys.exit(f"export_hf.py: {e}")
+    from configurator import run
+
+    run(main)

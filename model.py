@@ -522,10 +522,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, cfg):
-        super().__init__()
-        assert cfg.n_head % cfg.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
-        assert cfg.head_dim % 2 == 0, "head_dim must be even for RoPE"
-        assert 1 <= cfg.experts_per_token <= cfg.n_expert, "experts_per_token must be in 1..n_expert"
+        super().__init__()  # the settings' ranges (n_head a multiple of n_kv_head, ...) are checked before: configurator.RULES
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.plan, (self.n_first, self.n_shared, _) = cfg.schedule()  # the unique block of each applied layer
@@ -730,8 +727,10 @@ class GPT(nn.Module):
         return self.cfg.block_size
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
-        """Sampling (temperature 0: greedy). With the KV cache: one forward over the prompt (the prefill), then
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True, allowed=None):
+        """Sampling (temperature 0: greedy; top_k None or 0: from every token). allowed: a bool tensor [vocab_size], True
+        for the ids the tokenizer can decode (data_loader.decodable): no other id is ever picked, neither the padding
+        past the tokenizer nor the holes inside it. With the KV cache: one forward over the prompt (the prefill), then
         one token at a time against the cached keys and values; sliding layers keep only their window. Up to
         the RoPE reach (past block_size for YaRN models); beyond it the context is cut to its last half and
         prefilled again. Without the cache every step reruns the context (the reference the tests hold it to)."""
@@ -740,6 +739,7 @@ class GPT(nn.Module):
             cos, sin = rope_tables(self.cfg, min(idx.shape[1] + max_new_tokens, reach), self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
         limit = reach if use_cache else self.cfg.block_size
+        banned = None if allowed is None else ~allowed
         cache, pos = None, 0
         for _ in range(max_new_tokens):
             if not use_cache:
@@ -752,11 +752,13 @@ class GPT(nn.Module):
                 logits = self(idx[:, -1:], cache=cache, pos=pos)[0]
                 pos += 1
             logits = logits[:, -1, :].float()
+            if banned is not None:
+                logits = logits.masked_fill(banned, -float("inf"))
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits / temperature
-                if top_k is not None:
+                if top_k:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")
                 nxt = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
@@ -1024,20 +1026,20 @@ def cuda_peak(cfg, tokens, dtype, world_size, activation_checkpointing, loss_chu
     return parts
 
 
-if __name__ == "__main__":  # python model.py config/8b_moe.py [--key=value]: counts and memory, on the meta device
+def sizes(argv):
+    """python model.py config/8b_moe.py [--key=value]: train.py's settings -> counts and memory, on the meta device."""
     import os
-    import sys
 
-    from configurator import ConfigError, parse, script_defaults
+    from configurator import ConfigError, check, parse, script_defaults
 
     settings = script_defaults(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"))
+    settings.update(parse(argv, settings))  # train.py's settings: its config files and overrides
+    check(settings)
+    cfg = GPTConfig.from_dict(settings)
     try:
-        settings.update(parse(sys.argv[1:], settings))  # train.py's settings: its config files and overrides
-        cfg = GPTConfig.from_dict(settings)
         cfg.check_recursion()
-    except (ConfigError, ValueError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)  # bad input, as train.py says it
+    except ValueError as e:  # this file raises plain ValueErrors: it imports nothing of ours
+        raise ConfigError(str(e))
     with torch.device("meta"):
         built = sum(p.numel() for p in GPT(cfg).parameters())
     n = param_counts(cfg)
@@ -1053,3 +1055,11 @@ if __name__ == "__main__":  # python model.py config/8b_moe.py [--key=value]: co
                             settings.get("sync_grads_every_micro_step", False))
         print(f"memory per device, {device} x{world} {dt}, micro batch {B} x {T}: {m['total'] / 1e9:.1f} GB ("
               + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in m.items() if k not in ("total", "reserved")) + ")")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from configurator import run
+
+    run(sizes, sys.argv[1:])

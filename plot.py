@@ -11,8 +11,10 @@ import json
 import os
 import sys
 
+from configurator import BadInput
 
-class PlotError(Exception):
+
+class PlotError(BadInput):
     """A bad out_dir; the message is one line."""
 
 
@@ -104,7 +106,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except PlotError as e:
-        sys.exit(f"plot.py: {e}")
+    from configurator import run
+
+    run(main, sys.argv[1:])

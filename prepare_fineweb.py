@@ -33,6 +33,8 @@ import urllib.parse
 
 import numpy as np
 
+from configurator import BadInput
+
 corpus = "fineweb-edu"  # fineweb-edu (the hub: needs `datasets` and a network) | stdlib (ships with Python) | stdlib_api (fine-tuning)
 name = "sample-10BT"  # the FineWeb-Edu subset: sample-10BT, sample-100BT, sample-350BT, CC-MAIN-2024-10, ...
 input = ""  # comma-separated .txt / .jsonl / .parquet files or folders; replaces --corpus
@@ -47,7 +49,7 @@ batch_docs = 64  # documents per task sent to a worker: fewer, larger messages b
 decode_errors = "strict"  # input bytes that are not UTF-8: strict (refused, naming file and line) | replace (with U+FFFD)
 
 
-class PrepareError(Exception):
+class PrepareError(BadInput):
     """A bad input or setting; the message is one line that names it and the fix."""
 
 
@@ -379,21 +381,13 @@ def load_state(args, inputs):
 
 def main():
     from configurator import configure
-    from data_loader import DataError, get_tokenizer, install_tokenizer_file
+    from data_loader import get_tokenizer, install_tokenizer_file
 
-    configure(globals())
-    global max_tokens, shard_size, val_tokens
-    max_tokens, shard_size, val_tokens = int(max_tokens), int(shard_size), int(val_tokens)
-    if shard_size <= 0 or val_tokens <= 0:
-        fail("--shard_size and --val_tokens must be positive")
-    if decode_errors not in ("strict", "replace"):
-        fail(f"--decode_errors={decode_errors!r}: use strict or replace")
+    configure(globals())  # every setting in its range (configurator.RULES)
+    global val_tokens  # corpus stdlib_api sets its own
     files = list_inputs(input.split(",")) if input else None
     n_docs, chat = scan_inputs(files) if files else (None, False)
-    try:
-        enc = install_tokenizer_file(tokenizer_file, encoding) if tokenizer_file else get_tokenizer(encoding)
-    except DataError as e:
-        fail(str(e))
+    enc = install_tokenizer_file(tokenizer_file, encoding) if tokenizer_file else get_tokenizer(encoding)
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, ".write_test")
@@ -510,11 +504,10 @@ def main():
 
 
 if __name__ == "__main__":
+    from configurator import run
+
     try:
-        main()
-    except PrepareError as e:  # bad input: exit 2, as train.py's
-        print(f"prepare_fineweb.py: {e}", file=sys.stderr)
-        sys.exit(2)
+        run(main)
     except KeyboardInterrupt:  # Ctrl-C: the finished shards and prepare_state.json are whole, nothing is lost
         print("\n" * sys.stderr.isatty() + f"prepare_fineweb.py: stopped; rerun the same command to continue from the "
               f"last finished shard in {out_dir}", file=sys.stderr)

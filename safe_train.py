@@ -30,6 +30,8 @@ import time
 
 import psutil
 
+from configurator import BadInput, ConfigError, check, check_device, configure, parse, run, script_defaults
+
 budget_gb = 0.0  # memory this run may use; 0 = 90% of what is available at the start
 warn_pct = 75.0
 free_pct = 85.0
@@ -52,7 +54,7 @@ GB = 1e9
 BAD_INPUT, NON_FINITE = 2, 3  # train.py's exit codes for what no restart can fix
 
 
-class Refused(Exception):
+class Refused(BadInput):
     """A setup that cannot run; the message is one line that names it and the fix."""
 
 
@@ -90,6 +92,10 @@ def probe(config):
     from model import GPT, GPTConfig, memory_estimate, param_counts, pick_device, pick_dtype
 
     report = {}
+    try:
+        check_device(config["device"])
+    except ConfigError as e:
+        return {"error": str(e)}
     dev = pick_device(config["device"])
     dev_type = dev.split(":")[0]
     report["device"] = dev
@@ -99,7 +105,8 @@ def probe(config):
     line = config["_line"]  # the host's stop line; on CUDA each device's own memory is what must hold the run
     if dev_type == "cuda":
         line = torch.cuda.get_device_properties(dev).total_memory * config["_stop_pct"] / 100
-    report["line"], report["line_of"] = line, "GPU memory" if dev_type == "cuda" else "the budget"
+    report["line"] = line  # and what it is: the stop line is a share of the budget (or of the GPU), not the budget itself
+    report["line_of"] = f"{config['_stop_pct']:g}% of " + ("GPU memory" if dev_type == "cuda" else f"the {config['_budget'] / GB:.1f} GB budget")
     if config.get("init_from"):  # a fine-tune is the shape of its base
         from export_hf import BridgeError, adopt_base
 
@@ -141,7 +148,7 @@ def probe(config):
     return report
 
 
-def fit_micro_batch(est, line, B, A, strict=False, line_of="the budget"):
+def fit_micro_batch(est, line, B, A, strict=False, line_of="90% of the budget"):
     """The micro batch to start at: B when its estimate is under the stop line, else the largest that is and
     keeps the B * A tokens per step. Refused when micro batch 1 does not fit, or B does not and strict is set."""
     if est[B] <= line:
@@ -162,7 +169,7 @@ def run_preflight(config, budget, log):
     vm, sw = psutil.virtual_memory(), psutil.swap_memory()
     log(f"preflight: RAM {vm.total / GB:.1f} GB, available {vm.available / GB:.1f} GB, swap used {sw.used / GB:.1f} of "
         f"{sw.total / GB:.1f} GB, budget {budget / GB:.1f} GB (stop at {stop_pct:.0f}%: {budget * stop_pct / 100 / GB:.1f} GB)")
-    want = {**config, "_line": budget * stop_pct / 100, "_stop_pct": stop_pct, "_strict": strict, "_fit": preflight_fit}
+    want = {**config, "_line": budget * stop_pct / 100, "_stop_pct": stop_pct, "_budget": budget, "_strict": strict, "_fit": preflight_fit}
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", json.dumps(want)], capture_output=True, text=True)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
@@ -275,19 +282,16 @@ def main(argv):
     import threading
 
     import checkpoint
-    from configurator import ConfigError, parse, script_defaults
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ:
         raise Refused("safe_train.py watches one training process on one machine and does not supervise torchrun: "
                       "run `torchrun ... train.py` directly (README, 'Multi-GPU')")
     mine, train_args, check_only = split_args(argv)
-    try:
-        for k, v in parse([f"--{k}={v}" for k, v in mine.items()], SETTINGS).items():
-            globals()[k] = v
-        defaults = script_defaults(os.path.join(HERE, train_script)) if train_script == "train.py" else {}
-        config = {**defaults, **parse(train_args, defaults)} if defaults else {"out_dir": "out"}
-    except ConfigError as e:
-        raise Refused(f"config error: {e}")
+    # every setting, the supervisor's and train.py's, in its range before anything is written (no log yet)
+    globals().update(configure(dict(SETTINGS), [f"--{k}={v}" for k, v in mine.items()]))
+    defaults = script_defaults(os.path.join(HERE, train_script)) if train_script == "train.py" else {}
+    config = {**defaults, **parse(train_args, defaults)} if defaults else {"out_dir": "out"}
+    check(config)
     if train_script != "train.py":  # a test helper: it takes --out_dir only
         config["out_dir"] = next((a.split("=", 1)[1] for a in train_args if a.startswith("--out_dir=")), "out")
     out_dir = config["out_dir"]
@@ -316,14 +320,11 @@ def main(argv):
         print(f"safe_train: {msg}", flush=True)
         append(log_path, f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}")
 
-    from data_loader import DataError, build_data, needs_building
+    from data_loader import build_data, needs_building
 
     if needs_building(config.get("data_dir", ""), config.get("data_recipe"), train_args):  # as train.py would, once
         log(f"{config['data_dir']} is missing: building it with prepare_fineweb.py {config['data_recipe']} (the config's data_recipe)")
-        try:
-            build_data(config["data_dir"], config["data_recipe"])
-        except DataError as e:
-            raise Refused(f"data: {e}")
+        build_data(config["data_dir"], config["data_recipe"])
     budget = budget_gb * GB or 0.9 * psutil.virtual_memory().available
     report = run_preflight(config, budget, log) if preflight else {"device": "cpu"}
     expected = report.get("estimate", {})
@@ -431,7 +432,7 @@ def main(argv):
         log(f"{os.path.basename(train_script)} exited with code {rc}{at}" + (f" ({reason} stop)" if reason else ""))
         if rc in (BAD_INPUT, NON_FINITE) and reason is None:  # deterministic: a restart would fail the same way
             log(f"not restarting: {err['last']}")
-            return 1
+            return rc  # train.py's exit code: bad input stays 2, a non-finite loss 3
         if reason == "memory":
             counts["memory"] += 1
             if counts["memory"] > max_memory_restarts:
@@ -467,7 +468,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--probe":
         print(json.dumps(probe(json.loads(sys.argv[2]))))
         sys.exit(0)
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except Refused as e:
-        sys.exit(f"safe_train.py: {e}")
+    sys.exit(run(main, sys.argv[1:]))

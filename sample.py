@@ -20,7 +20,7 @@ start = "\n"
 num_samples = 1  # sampled together, as one batch
 max_new_tokens = 200
 temperature = 0.8  # 0 = greedy
-top_k = 200
+top_k = 200  # sample from the k likeliest tokens (0 = from every token)
 seed = 1337
 device = "auto"
 dtype = "auto"  # auto: bfloat16 on CUDA and MPS, float32 on CPU
@@ -44,54 +44,57 @@ def load_model(path, dev="cpu", dt=torch.float32):
     return model.merge_lora().to(dt).eval(), {**settings, "kind": kind}
 
 
+def prompt_ids(text, enc, chat=False):
+    """(ids, stop ids) to generate from. Plain text is encoded as prepare_fineweb.py encodes documents: a typed
+    "<|endoftext|>" is those 13 characters, not the special token. With chat, a user turn in the chat template the
+    fine-tune was trained with: the template's own markers are special, the text inside them is plain."""
+    if chat:
+        from data_loader import chat_prompt
+
+        return chat_prompt(text, enc)
+    return enc.encode_ordinary(text) or [enc.eot_token], set()
+
+
 def main():
     import checkpoint
-    from configurator import configure
-    from data_loader import DataError, get_tokenizer
-    from export_hf import BridgeError
+    from configurator import ConfigError, check_device, configure
+    from data_loader import decodable, get_tokenizer
     from model import pick_device, pick_dtype
 
     configure(globals())
+    check_device(device)
     path = init_from or ckpt
     if not path:
         latest = checkpoint.read_latest(out_dir)
         if not latest:
-            sys.exit(f"sample.py: no checkpoint in {out_dir}: train first, or pass --out_dir, --ckpt or --init_from")
+            raise checkpoint.CheckpointError(f"no checkpoint in {out_dir}: train first, or pass --out_dir, --ckpt or --init_from")
         path = os.path.join(out_dir, latest)
     if not init_from:
         problem = checkpoint.verify(path)
         if problem:
-            sys.exit(f"sample.py: {problem}: pass --ckpt=<an older ckpt_N folder>")
+            raise checkpoint.CheckpointError(f"{problem}: pass --ckpt=<an older ckpt_N folder>")
     dev = pick_device(device)
     dev_type = dev.split(":")[0]
     dt = {"auto": torch.float32 if dev_type == "cpu" else torch.bfloat16}.get(dtype) or getattr(torch, pick_dtype(dtype, dev_type))
-    try:
-        model, settings = load_model(path, dev, dt)
-    except BridgeError as e:
-        sys.exit(f"sample.py: {e}")
-    try:
-        enc = get_tokenizer(tokenizer or settings.get("tokenizer") or "o200k_harmony")
-    except DataError as e:
-        sys.exit(f"sample.py: {e}")
+    model, settings = load_model(path, dev, dt)
+    enc = get_tokenizer(tokenizer or settings.get("tokenizer") or "o200k_harmony")
     if enc.n_vocab > model.cfg.vocab_size:
-        sys.exit(f"sample.py: tokenizer {enc.name} has {enc.n_vocab} ids, more than the model's vocab_size {model.cfg.vocab_size}: pass --tokenizer")
+        raise ConfigError(f"tokenizer {enc.name} has {enc.n_vocab} ids, more than the model's vocab_size {model.cfg.vocab_size}: pass --tokenizer")
     prompt = start
     if prompt.startswith("FILE:"):
-        with open(prompt[5:], encoding="utf-8") as f:
-            prompt = f.read()
-    stops = set()
-    if chat:
-        from data_loader import chat_prompt
-
-        ids, stops = chat_prompt(prompt, enc)
-    else:
-        ids = enc.encode(prompt, allowed_special="all") or [enc.eot_token]
+        try:
+            with open(prompt[5:], encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            raise ConfigError(f"--start=FILE:{prompt[5:]}: {e.strerror}")
+    ids, stops = prompt_ids(prompt, enc, chat)
     x = torch.tensor([ids] * num_samples, device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
+    allowed = torch.from_numpy(decodable(enc, model.cfg.vocab_size)).to(dev)  # never an id the tokenizer cannot decode
     if compile:
         model.forward = torch.compile(model.forward, dynamic=True)
     t = time.time()
-    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=g, use_cache=use_cache)
+    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=g, use_cache=use_cache, allowed=allowed)
     seconds = time.time() - t
     for row in y.tolist():
         if chat:  # the answer alone, up to the template's end of turn
@@ -104,4 +107,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from configurator import run
+
+    run(main)

@@ -345,32 +345,27 @@ def choose_checkpoint(config, model_keys, meta, damaged=None):
 
 def main():
     import checkpoint
-    from configurator import configure
-    from data_loader import DataError, DataLoader, build_data, get_tokenizer, needs_building
+    from configurator import ConfigError, check_device, configure
+    from data_loader import DataError, DataLoader, build_data, decodable, get_tokenizer, needs_building
     from model import GPT, GPTConfig, flops_per_token, param_counts, pick_dtype
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-    # ---- set-up: settings, processes, device and precision, data; nothing in out_dir is touched until all are good
+    # ---- set-up: settings, processes, device and precision, data; nothing in out_dir is touched until all are good.
+    # A bad input anywhere is a BadInput (ConfigError, DataError, ...): one line and exit 2 (configurator.run)
     config = configure(globals())
+    check_device(device)  # one line now, not an assertion once out_dir is locked
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # DCP in one process is intended
     model_keys = [f.name for f in fields(GPTConfig) if f.name in config]
     base = None
     if init_from:  # the model is the one those weights belong to: its settings, not the config's
-        from export_hf import BridgeError, adopt_base
+        from export_hf import adopt_base
 
-        try:
-            changed, kind, path = base = adopt_base(config)
-        except BridgeError as e:
-            fail(f"config error: {e}")
+        changed, kind, path = base = adopt_base(config)
         globals().update(changed)
         if lora_rank:  # the adapters' checkpoints name their base, and refuse a base that changed under them
             from export_hf import fingerprint
 
             config["base"] = {"path": os.path.abspath(path), "kind": kind, "fingerprint": fingerprint(kind, path)}
-    elif lora_rank:
-        fail("config error: lora_rank needs --init_from: the base weights the adapters adapt")
-    if base_dtype not in ("float32", "bfloat16") or (base_dtype == "bfloat16" and not lora_rank):
-        fail(f"config error: base_dtype {base_dtype!r}: float32, or bfloat16 for the frozen base of a LoRA run (lora_rank > 0)")
     rank, world, dev = setup_distributed(device)
     master = rank == 0  # logs, samples to the console, decides about out_dir, writes files other than checkpoint shards
     dist = world > 1
@@ -378,29 +373,21 @@ def main():
     if unwritable:
         fail(f"out_dir error: {unwritable}: use another --out_dir") if master else sys.exit(BAD_INPUT)
     if grad_accum_steps % world:
-        fail(f"config error: grad_accum_steps {grad_accum_steps} is not a multiple of the {world} processes: "
-             f"it counts micro steps over all ranks; use {max(world, grad_accum_steps // world * world)}")
+        raise ConfigError(f"grad_accum_steps {grad_accum_steps} is not a multiple of the {world} processes: "
+                          f"it counts micro steps over all ranks; use {max(world, grad_accum_steps // world * world)}")
     accum = grad_accum_steps // world  # micro steps on this rank
     dev_type = "cuda" if dev.startswith("cuda") else "mps" if dev == "mps" else "cpu"
     dt = pick_dtype(dtype, dev_type)
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dt)
-    if ptdtype is None:
-        fail(f"config error: dtype {dt!r} is not one of float32, bfloat16, float16")
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dt]
     if dist and base_dtype != "float32":  # FSDP gathers a layer as one buffer: one dtype per layer
-        fail("config error: base_dtype bfloat16 is for one device; under torchrun use dtype=bfloat16, whose gathers are bf16")
+        raise ConfigError("base_dtype bfloat16 is for one device; under torchrun use dtype=bfloat16, whose gathers are bf16")
     if dist and dt == "float16":
-        fail("config error: dtype float16 needs a gradient scaler that FSDP does not share; use bfloat16 or float32")
+        raise ConfigError("dtype float16 needs a gradient scaler that FSDP does not share; use bfloat16 or float32")
     try:
         GPTConfig.from_dict(config).check_recursion()
-        if not isinstance(mor_aux_loss_coef, (int, float, type(None))):
-            raise ValueError(f"mor_aux_loss_coef {mor_aux_loss_coef!r} is not a number (or None: the paper's for the router)")
-    except ValueError as e:
-        fail(f"config error: {e}")
+    except ValueError as e:  # model.py raises plain ValueErrors: it imports nothing of ours
+        raise ConfigError(str(e))
     mor_coef = {"expert": 0.001, "token": 0.1}.get(mor_router, 0.0) if mor_aux_loss_coef is None else mor_aux_loss_coef
-    for key in ("n_embd", "intermediate_size"):  # torch._grouped_mm wants 16-byte-aligned rows, in bf16 too
-        if config[key] % 8:
-            fail(f"config error: {key} {config[key]} is not a multiple of 8, which the experts' grouped matmul needs: "
-                 f"use {config[key] // 8 * 8 + 8}")
     if not master:
         sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints; errors (stderr) still come from every rank
 
@@ -442,16 +429,10 @@ def main():
     if needs_building(data_dir, data_recipe, sys.argv[1:]):
         if master:
             print(f"{data_dir} is missing: building it with prepare_fineweb.py {data_recipe} (the config's data_recipe)", flush=True)
-            try:
-                build_data(data_dir, data_recipe)
-            except DataError as e:
-                fail(f"data error: {e}")
+            build_data(data_dir, data_recipe)
         barrier()
-    try:
-        train_data, val_data, train_eval = (DataLoader(data_dir, split, batch_size, block_size, rank, world, config["vocab_size"])
-                                            for split in ("train", "val", "train"))
-    except DataError as e:
-        fail(f"data error: {e}")
+    train_data, val_data, train_eval = (DataLoader(data_dir, split, batch_size, block_size, rank, world, config["vocab_size"])
+                                        for split in ("train", "val", "train"))
     meta = train_data.meta
 
     # ---- out_dir: rank 0 decides what to resume (every node may see its own files: only one decides), takes
@@ -499,12 +480,9 @@ def main():
     model.init_weights()  # the same values on any number of ranks
     model.activation_checkpointing, model.loss_chunk = activation_checkpointing, loss_chunk
     if base and (not ckpt or lora_rank):  # a fine-tune's checkpoints hold its adapters: the base always comes from init_from
-        from export_hf import BridgeError, load_weights
+        from export_hf import load_weights
 
-        try:
-            load_weights(model, kind, path)
-        except BridgeError as e:
-            fail(f"config error: {e}")
+        load_weights(model, kind, path)
         print(f"{'base' if lora_rank else 'initialised'} from {path} ({'HF GptOss' if kind == 'hf' else 'nanoOSS'} weights"
               + (f"; frozen, {param_counts(cfg)['lora'] / 1e6:.2f}M adapter parameters train)" if lora_rank else "; iteration 0, fresh optimizer)")
               + (f"; its model settings replace the config's: {', '.join(f'{k}={v}' for k, v in changed.items())}" if changed else ""))
@@ -620,21 +598,24 @@ def main():
             torch.distributed.destroy_process_group()
         return
 
-    tokenizer = None
+    tokenizer = allowed = None
     sampling = sample_every > 0
 
     def sample_text():
         """Under FSDP every rank must run the forward (each holds a shard of the weights), so all ranks
-        sample in lockstep with the same generator, and rank 0 prints."""
-        nonlocal tokenizer
+        sample in lockstep with the same generator, and rank 0 prints. Only ids the tokenizer can decode."""
+        nonlocal tokenizer, allowed
         if tokenizer is None:
             tokenizer = get_tokenizer(meta["tokenizer"])
+            allowed = torch.from_numpy(decodable(tokenizer, cfg.vocab_size)).to(dev)
         g = torch.Generator(device=dev).manual_seed(seed + iter_num)  # its own RNG: sampling never shifts training
         start = torch.tensor([[meta.get("eot", 0)]], device=dev)
         raw_model.eval()
-        with ctx:
-            out = raw_model.generate(start, sample_tokens, temperature=temperature, top_k=top_k, generator=g)
-        raw_model.train()
+        try:
+            with ctx:
+                out = raw_model.generate(start, sample_tokens, temperature=temperature, top_k=top_k, generator=g, allowed=allowed)
+        finally:
+            raw_model.train()
         return tokenizer.decode(out[0, 1:].tolist())
 
     # ---- signals and heartbeat. A handler only raises this rank's flag; the loop folds it into an agreement
@@ -814,8 +795,8 @@ def main():
         if sampling and iter_num % sample_every == 0:
             try:
                 print(f"sample {iter_num} | {sample_text()!r}", flush=True)
-            except DataError as e:  # no tokenizer offline: keep training, stop trying
-                print(f"sampling off: {e}", flush=True)
+            except Exception as e:  # no tokenizer offline, a meta.json that names none, ...: a sample never ends a run
+                print(f"sampling off: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", flush=True)
                 sampling = False
 
         if flags["free"]:
@@ -853,4 +834,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from configurator import run
+
+    run(main)

@@ -634,4 +634,6 @@ def on_sigterm(signum, frame):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, on_sigterm)
-    sys.exit(main())
+    from configurator import run
+
+    sys.exit(run(main))

@@ -105,4 +105,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from configurator import run
+
+    run(main)

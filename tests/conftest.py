@@ -73,3 +73,35 @@ TINY = ["--n_layer=2", "--n_embd=64", "--n_head=4", "--n_kv_head=2", "--head_dim
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU and skips without one (python bench/gpu_check.py runs them on a GPU)")
+
+
+def padded_checkpoint(out_dir, tokenizer=TOKENIZER, vocab_size=4160):
+    """A real checkpoint (checkpoint.save) of a model whose vocabulary is padded past the tokenizer's ids (4,097 for
+    o200k_base:4096, in 4,160 outputs) and whose largest logits are always the padded ones: attention and experts
+    add nothing, every token embeds alike, and only the padded rows of the head are non-zero. Returns out_dir."""
+    import warnings
+
+    import checkpoint
+    import torch
+    from data_loader import get_tokenizer
+    from model import GPT, GPTConfig
+
+    enc = get_tokenizer(tokenizer)
+    cfg = GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, head_dim=16,
+                    n_expert=2, experts_per_token=1, intermediate_size=32, sliding_window=16)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "o_proj" in name or "down_proj" in name:
+                p.zero_()
+        model.embed_tokens.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[enc.n_vocab:] = 1.0  # logit 32 for every padded id, 0 for the tokenizer's own
+    os.makedirs(out_dir, exist_ok=True)
+    settings = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+    with warnings.catch_warnings():  # DCP's note that it saves without a process group: intended
+        warnings.simplefilter("ignore", UserWarning)
+        checkpoint.save(out_dir, 0, {"model": model.state_dict()}, {**settings, "tokenizer": tokenizer, "eot": enc.eot_token},
+                        True, lambda: None)
+    return out_dir

@@ -228,9 +228,9 @@ def test_train_resumes_a_routed_run_bit_identically_after_sigterm(tmp_path, data
 def test_bad_recursion_settings_are_one_line(tmp_path, data_dir):
     for bad, says in ((["--n_layer=5", "--n_recursion=2"], "multiple of n_recursion"),
                       (["--n_layer=4", "--n_recursion=2", "--mor_router=expert", "--mor_capacity=0.5,1"], "none larger"),
-                      (["--n_layer=4", "--n_recursion=2", "--mor_router=tokens"], "not one of none, expert, token"),
+                      (["--n_layer=4", "--n_recursion=2", "--mor_router=tokens"], "must be one of none, expert, token"),
                       (["--n_layer=4", "--n_recursion=2", "--mor_router=token", "--mor_capacity=1,0.5"], "mor_capacity is for"),
-                      (["--n_layer=4", "--n_recursion=2", "--mor_router=expert", "--mor_aux_loss_coef=high"], "not a number")):
+                      (["--n_layer=4", "--n_recursion=2", "--mor_router=expert", "--mor_aux_loss_coef=high"], "must be a number")):
         r = run_script("train.py", *TINY, *bad, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'x'}", "--max_iters=1")
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
 

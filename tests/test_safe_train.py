@@ -112,13 +112,13 @@ def test_a_model_that_cannot_fit_at_micro_batch_1_is_refused_before_it_is_built(
 def test_bad_input_and_a_non_finite_loss_are_not_retried(tmp_path, data):
     base = [*TINY, f"--data_dir={data}", "--max_iters=20", "--eval_interval=0", "--interval=0.2"]
     r = supervise(*base, f"--out_dir={tmp_path / 'nan'}", "--lr=1e30", "--warmup_iters=0", "--grad_clip=0", "--weight_decay=0")
-    assert r.returncode == 1
+    assert r.returncode == 3  # train.py's code, passed on: a non-finite loss
     log = open(tmp_path / "nan" / "safe_training.log").read()
     assert log.count("] starting ") == 1 and "train.py exited with code 3" in log
     assert "not restarting: stopping: loss is not finite" in log
     assert r.stderr.strip().splitlines()[-1].startswith("stopping: loss is not finite")  # train.py's line, once
     r = supervise(*base, f"--out_dir={tmp_path / 'bad'}", "--preflight=False", f"--data_dir={tmp_path / 'nowhere'}")
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr  # bad input, as train.py said
     assert open(tmp_path / "bad" / "safe_training.log").read().count("] starting ") == 1
 
 
@@ -153,9 +153,11 @@ def test_a_spike_counts_once_and_swap_is_counted_from_each_childs_start_simulate
 
 def test_check_only_passes_a_good_setup_and_names_a_bad_one_in_one_line(tmp_path, data):
     base = [*TINY, f"--data_dir={data}", f"--out_dir={tmp_path / 'o'}", "--check-only"]
-    r = supervise(*base)
+    r = supervise(*base, "--budget_gb=10")
     assert r.returncode == 0, r.stderr
     assert "probe loss" in r.stdout and "preflight passed" in r.stdout
+    # the stop line is named as what it is, a share of the budget, never as "the budget" (issue 21 item 14)
+    assert "budget 10.0 GB (stop at 90%: 9.0 GB)" in r.stdout and "GB of the 9.00 GB stop line (90% of the 10.0 GB budget)" in r.stdout
     assert not os.path.exists(tmp_path / "o" / "log.jsonl")  # nothing was trained
     cases = [
         ([f"--data_dir={tmp_path / 'nowhere'}"], "does not exist"),
@@ -165,7 +167,13 @@ def test_check_only_passes_a_good_setup_and_names_a_bad_one_in_one_line(tmp_path
     ]
     for extra, msg in cases:
         r = supervise(*base, *extra)
-        assert r.returncode != 0 and msg in r.stderr and r.stderr.count("\n") == 1, (extra, r.stderr)
+        assert r.returncode == 2 and msg in r.stderr and r.stderr.count("\n") == 1, (extra, r.stderr)
+    # out of range, the supervisor's own settings and train.py's alike: refused before its log exists (issue 21)
+    for extra, msg in ((["--stop_pct=0"], "stop_pct=0.0: stop_pct must be a number > 0 and <= 100"),
+                       (["--interval=-1"], "interval=-1.0: interval must be a number > 0"),
+                       (["--block_size=0"], "block_size=0: block_size must be an int >= 1")):
+        r = supervise(*TINY, f"--data_dir={data}", f"--out_dir={tmp_path / 'new'}", *extra)
+        assert r.returncode == 2 and r.stderr == f"safe_train.py: {msg}\n" and not os.path.exists(tmp_path / "new"), r.stderr
 
 
 def test_macos_commands_and_mps_cap_are_built_right_without_a_mac():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_script, write_data_dir
+from conftest import ROOT, TINY, padded_checkpoint, run_script, write_data_dir
 
 
 def read_log(out_dir):
@@ -247,8 +247,11 @@ def test_bad_inputs_give_one_line_and_leave_the_checkpoint_alone(tmp_path, data_
         (["--vocab_size=1000"], "--vocab_size=4097"),
         (["--n_layer=3"], "holds a different model"),
         (["--dtype=float64"], "dtype"),
-        (["--n_embd=60"], "n_embd 60 is not a multiple of 8"),
+        (["--n_embd=60"], "n_embd=60: n_embd must be a multiple of 8"),
         (["--resume=False"], "already holds checkpoints"),
+        # out of range (issue 21 item 10; the whole sweep: tests/test_configurator.py), and a device this torch lacks
+        (["--top_k=-1"], "top_k=-1: top_k must be an int >= 0 (0 = every token)"),
+        (["--device=mps"], "device='mps': torch"),
     ]
     cases += [([f"--data_dir={d}"], msg) for d, msg in bad_data.values()]
     for extra, msg in cases:
@@ -258,6 +261,47 @@ def test_bad_inputs_give_one_line_and_leave_the_checkpoint_alone(tmp_path, data_
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and msg in lines[0], (extra, r.stderr)
         assert tree_digest(out) == before, f"{extra} changed the run's files"
+
+
+def test_a_device_this_torch_lacks_is_one_line_before_out_dir_is_touched(tmp_path, data_dir):
+    """--device=cuda on this CPU-only torch (issue 21 item 11: an AssertionError once the out_dir lock was taken)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    out = tmp_path / "run"
+    r = run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--device=cuda")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "device='cuda': torch" in r.stderr, r.stderr
+    assert "--device=cpu" in r.stderr and not out.exists()
+
+
+def test_the_periodic_sample_emits_only_decodable_ids_when_padded_ids_score_highest(tmp_path, data_dir):
+    """Issue 21's command (--sample_every=2, a sample of many tokens) from a model whose padded ids (past the
+    tokenizer's 4,097) always have the largest logits: at 6087689 the sample's KeyError ended the run unsaved."""
+    out = str(tmp_path / "run")
+    r = run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={padded_checkpoint(str(tmp_path / 'base'))}",
+                   "--max_iters=2", "--eval_interval=0", "--sample_every=2", "--sample_tokens=30", "--seed=1", "--lr=1e-9",
+                   "--warmup_iters=0", "--plot=False")
+    assert r.returncode == 0, r.stderr
+    assert "sample 2 |" in r.stdout and "sampling off" not in r.stdout
+    assert open(os.path.join(out, "latest")).read() == "ckpt_2"
+
+
+def test_a_sample_that_fails_turns_sampling_off_and_the_run_goes_on(tmp_path, data_dir):
+    """A meta.json that names no tokenizer trains (the loader needs vocab_size and dtype), but cannot be sampled:
+    whatever goes wrong inside the periodic sample is one line, and training and saving go on."""
+    import shutil
+
+    data = str(tmp_path / "data")
+    shutil.copytree(data_dir, data)
+    meta = json.load(open(os.path.join(data, "meta.json")))
+    json.dump({k: v for k, v in meta.items() if k != "tokenizer"}, open(os.path.join(data, "meta.json"), "w"))
+    out = str(tmp_path / "run")
+    r = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=0",
+                   "--sample_every=1", "--sample_tokens=8", "--plot=False")
+    assert r.returncode == 0, r.stderr
+    assert [l for l in r.stdout.splitlines() if l.startswith(("sample", "sampling"))] == ["sampling off: KeyError: 'tokenizer'"]
+    assert open(os.path.join(out, "latest")).read() == "ckpt_2"  # trained on past the failed sample, and saved
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
