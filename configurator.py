@@ -145,7 +145,7 @@ RULES = {
     "max_hours": Rule(float, ge=0, off="0 = no limit"), "min_free_disk_gb": NONNEGATIVE, "preflight": FLAG,
     "preflight_fit": FLAG, "strict": FLAG, "train_script": NAME,
     # export_hf.py (and its --ckpt, --dtype above)
-    "out": TEXT,
+    "out": TEXT, "gguf": TEXT, "gguf_type": Rule(str, choices=("f32", "f16", "bf16", "q8_0")),
     # bench.py, bench/gpu_check.py, bench/memory.py
     "steps": POSITIVE, "rounds": POSITIVE, "hf": FLAG, "dense": FLAG, "layer_T": Rule(int, ge=0, off="0 = skip"),
     "work_dir": NAME, "minutes": Rule(float, ge=0, off="0 = 6 on CUDA, 30 on CPU"),

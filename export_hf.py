@@ -1,6 +1,7 @@
 """
-The bridge to Hugging Face transformers, both ways.
+The bridge to Hugging Face transformers, both ways, and the way out to llama.cpp.
     python export_hf.py --ckpt=out/mac_micro --out=hf/mac_micro      # a nanoOSS checkpoint -> an HF GptOss directory
+    python export_hf.py --ckpt=out/mac_micro --gguf=micro.gguf       # -> a GGUF file for llama.cpp (export_gguf.py)
     python train.py ... --init_from=path/to/gpt-oss-20b              # train.py and sample.py read HF directories with
     python sample.py --init_from=path/to/gpt-oss-20b                 # the functions below
 Our parameter names are HF GptOssForCausalLM's without the "model." prefix, and the layouts are the same
@@ -19,7 +20,8 @@ import torch
 from configurator import BadInput
 
 # the export's settings (--key=value): dtype auto keeps the checkpoint's (fp32 after training), or bfloat16, ...
-SETTINGS = {"ckpt": "", "out": "", "dtype": "auto"}
+# dtype: the HF weights as stored (fp32 after training), or bfloat16; gguf_type: the GGUF's matrices
+SETTINGS = {"ckpt": "", "out": "", "dtype": "auto", "gguf": "", "gguf_type": "f16"}
 
 # HF config fields that do not change the math of a forward pass, read or ignored as noted
 HF_IGNORED = {
@@ -84,7 +86,7 @@ def config_from_hf(path):
     return out
 
 
-def hf_config(cfg, eot=None):
+def hf_config(cfg, eos=None, pad=None):
     """The HF config.json of our model, every setting explicit: transformers never falls back to its defaults
     (which differ: a missing YaRN truncate reads as true, a missing layer_types as a pattern of its own)."""
     if cfg.mor_router != "none":
@@ -108,7 +110,7 @@ def hf_config(cfg, eot=None):
             "max_position_embeddings": reach, "initial_context_length": cfg.initial_context_length,
             "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": True, "attention_dropout": 0.0,
             "hidden_act": "silu", "initializer_range": cfg.init_std, "use_cache": True, "output_router_logits": False,
-            "router_aux_loss_coef": 0.9, "eos_token_id": eot, "pad_token_id": eot, "dtype": "float32"}
+            "router_aux_loss_coef": 0.9, "eos_token_id": eos, "pad_token_id": pad, "dtype": "float32"}
 
 
 # ----------------------------------------------------------------------------- weights
@@ -274,22 +276,72 @@ def bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-def tokenizer_files(enc):
-    """tokenizer.json etc. for a tiktoken Encoding, such that transformers' AutoTokenizer gives tiktoken's ids,
-    special tokens included. Merges are every split of a token into two tokens, in the order of the merged
-    token's rank: byte-level BPE by merge priority then reproduces tiktoken's lowest-rank-first merging."""
+PLACEHOLDER = "[PAD{}]"  # an id that tiktoken leaves empty, named as llama.cpp's converter names it
+
+
+def vocab_table(enc, vocab_size):
+    """Every id below vocab_size as tokenizer.json and GGUF store it: (names, kinds, merges).
+    names[i]: a mergeable token's bytes in GPT-2's byte -> character table, a special token's text, or
+    "[PAD<i>]" for an id tiktoken leaves empty (holes between its ranges, and the padding up to vocab_size): a
+    placeholder that no text produces. kinds[i]: "normal", "special" or "unused" (a placeholder). A special id
+    with two names keeps the first in tiktoken's table, the base encoding's: o200k_harmony's 200018 is
+    <|endofprompt|> (o200k_base's, which gpt-oss's published tokenizer keeps), not <|reserved_200018|>.
+    merges: every split of a token into two tokens, in the order of the merged token's rank, so that byte-level
+    BPE by merge priority reproduces tiktoken's lowest-rank-first merging (two pairs that make the same token
+    overlap only if they split it alike, so ties go leftmost in both)."""
     ranks, table = enc._mergeable_ranks, bytes_to_unicode()
-    text = lambda b: "".join(table[x] for x in b)
+    text = {t: "".join(table[b] for b in t) for t in ranks}
+    names, kinds = [None] * vocab_size, ["unused"] * vocab_size
+    for t, i in ranks.items():
+        names[i], kinds[i] = text[t], "normal"
+    for t, i in enc._special_tokens.items():
+        if kinds[i] == "unused":
+            names[i], kinds[i] = t, "special"
+    names = [PLACEHOLDER.format(i) if n is None else n for i, n in enumerate(names)]
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
-        merges += [[text(a), text(b)] for a, b in sorted(splits, key=lambda s: (ranks[s[0]], ranks[s[1]]))]
-    specials = sorted(enc._special_tokens.items(), key=lambda kv: kv[1])
-    eot = enc._special_tokens.get("<|endoftext|>", specials[0][1] if specials else None)
-    eot_text = next((t for t, i in specials if i == eot), None)
+        merges += [(text[a], text[b]) for a, b in sorted(splits, key=lambda s: (ranks[s[0]], ranks[s[1]]))]
+    return names, kinds, merges
+
+
+def is_harmony(enc):
+    """Whether enc has harmony's chat tokens (o200k_harmony; not a cut of it, which keeps <|endoftext|> alone)."""
+    return all(t in enc._special_tokens for t in ("<|start|>", "<|message|>", "<|return|>", "<|end|>", "<|call|>"))
+
+
+def end_tokens(enc):
+    """(the end-of-sequence id, every id that ends a generation): <|endoftext|>, or for harmony the end of an
+    answer (<|return|>), of a turn (<|end|>) and of a tool call (<|call|>)."""
+    if is_harmony(enc):
+        ids = [enc._special_tokens[t] for t in ("<|return|>", "<|end|>", "<|call|>")]
+        return ids[0], ids
+    eot = enc._special_tokens.get("<|endoftext|>", min(enc._special_tokens.values(), default=None))
+    return eot, [] if eot is None else [eot]
+
+
+# data_loader.render_chat's harmony format, for transformers' apply_chat_template and llama.cpp's --jinja: the same
+# ids for the same messages (tests/test_hf.py checks it); generation starts the assistant's final-channel answer
+HARMONY_TEMPLATE = (
+    "{%- for m in messages -%}{%- set role = m['role'] | lower -%}"
+    "{%- if role == 'assistant' -%}<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}"
+    "{{ '<|return|>' if loop.last else '<|end|>' }}"
+    "{%- elif role == 'tool' -%}<|start|>{{ m['name'] if '.' in m['name'] else 'functions.' ~ m['name'] }} "
+    "to=assistant<|channel|>commentary<|message|>{{ m['content'] }}<|end|>"
+    "{%- elif role == 'developer' -%}<|start|>developer<|message|># Instructions\n\n{{ m['content'] }}<|end|>"
+    "{%- else -%}<|start|>{{ role }}<|message|>{{ m['content'] }}<|end|>{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|start|>assistant<|channel|>final<|message|>{%- endif -%}")
+
+
+def tokenizer_files(enc, vocab_size):
+    """tokenizer.json etc. for a tiktoken Encoding, such that transformers' AutoTokenizer gives tiktoken's ids,
+    special tokens included, with one name for each id below vocab_size and none above (vocab_table). A harmony
+    tokenizer also carries the chat template its fine-tunes were trained with."""
+    names, kinds, merges = vocab_table(enc, vocab_size)
+    eos, _ = end_tokens(enc)
     tok = {"version": "1.0", "truncation": None, "padding": None,
-           "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                             "normalized": False, "special": True} for t, i in specials],
+           "added_tokens": [{"id": i, "content": n, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for i, (n, k) in enumerate(zip(names, kinds)) if k == "special"],
            "normalizer": None,
            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
@@ -298,10 +350,15 @@ def tokenizer_files(enc):
            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                     "vocab": {text(t): r for t, r in ranks.items()}, "merges": merges}}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False,
-              **({"eos_token": eot_text, "pad_token": eot_text} if eot_text else {})}
-    return {"tokenizer.json": tok, "tokenizer_config.json": config}
+                     "vocab": {n: i for i, n in enumerate(names)},  # specials too: tokenizers would renumber them
+                     "merges": [list(m) for m in merges]}}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}
+    if eos is not None:
+        config.update(eos_token=names[eos], pad_token=names[enc._special_tokens.get("<|endoftext|>", eos)])
+    files = {"tokenizer.json": tok, "tokenizer_config.json": config}
+    if is_harmony(enc):
+        files["chat_template.jinja"] = HARMONY_TEMPLATE
+    return files
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -317,25 +374,36 @@ def save_safetensors(tensors, path):
 
 
 def write_peft_adapter(state, cfg, base_path, out):
-    """A fine-tune's adapters in peft's format (adapter_model.safetensors + adapter_config.json), the one that
-    transformers (PeftModel.from_pretrained) and llama.cpp's convert_lora_to_gguf.py read. Attention adapters use
-    peft's names; the experts' per-expert adapters keep ours (lora_A [E, in, r], lora_B [E, r, out])."""
-    tensors = {}
+    """A fine-tune's adapters in peft's format (adapter_model.safetensors + adapter_config.json), such that
+    PeftModel.from_pretrained on the HF export of the base computes our merged fine-tune. Attention adapters are
+    peft's nn.Linear ones (target_modules). The router and the stacked experts are parameters to peft
+    (target_parameters: HF's router is no nn.Linear), in peft 0.21's lora.ParamWrapper layout: a wrapper per
+    parameter, down_proj's wrapping gate_up_proj's (so gate_up_proj's keys hold a base_layer.); per stack
+    lora_A [E * r, in] (expert-major) and lora_B [out, r * E] (the experts inside each rank), whose product for
+    expert e is ours, A[e] @ B[e]. A block shared by recursion is written for each layer that runs it, as the
+    HF export unrolls it."""
+    plan, tensors = cfg.schedule()[0], {}
     for name, t in state.items():
         if "lora_" not in name:
             continue
-        if name.endswith(("_proj.lora_A", "_proj.lora_B", "router.lora_A", "router.lora_B")):  # nn.Linear adapters
-            key = f"base_model.model.{hf_name(name)}.weight"
-        else:
-            key = f"base_model.model.{hf_name(name)}"
-        tensors[key] = t.detach().to("cpu", torch.float32).contiguous()
+        t = t.detach().to("cpu", torch.float32)
+        module, param = name.rsplit(".", 1)  # e.g. layers.0.self_attn.q_proj, lora_A / layers.0.mlp.experts, down_lora_B
+        if module.endswith(".experts"):
+            stack, ab = param.split("_lora_")
+            module += "" if stack == "down" else ".base_layer"
+            param = f"lora_{ab}"
+            t = t.transpose(1, 2).reshape(-1, t.shape[1]) if ab == "A" else t.permute(2, 1, 0).reshape(t.shape[2], -1)
+        _, block, rest = module.split(".", 2)
+        for j in (j for j, b in enumerate(plan) if b == int(block)):
+            tensors[f"base_model.model.{hf_name(f'layers.{j}.{rest}')}.{param}.weight"] = t.contiguous()
     os.makedirs(out + ".tmp", exist_ok=True)
     save_safetensors(tensors, os.path.join(out + ".tmp", "adapter_model.safetensors"))
-    targets = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "router": "router"}
+    targets = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+    params = (["mlp.router.weight"] if cfg.lora_on("router") else []) + (
+        ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if cfg.lora_on("experts") else [])
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path, "r": cfg.lora_rank,
               "lora_alpha": cfg.lora_alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-              "target_modules": [targets[t] for t in cfg.lora_targets.split(",") if t in targets],
-              "target_parameters": [f"mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")] if cfg.lora_on("experts") else []}
+              "target_modules": [targets[t] for t in cfg.lora_targets.split(",") if t in targets], "target_parameters": params}
     with open(os.path.join(out + ".tmp", "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=1)
     shutil.rmtree(out, ignore_errors=True)
@@ -344,9 +412,10 @@ def write_peft_adapter(state, cfg, base_path, out):
 
 # ----------------------------------------------------------------------------- export
 
-def export(ckpt, out, dtype="auto"):
-    """A nanoOSS checkpoint (any world size wrote it) -> an HF GptOss directory at out, written under a temporary
-    name and renamed when whole: a killed export never leaves a directory that looks finished."""
+def export(ckpt, out="", dtype="auto", gguf="", gguf_type="f16"):
+    """A nanoOSS checkpoint (any world size wrote it) -> an HF GptOss directory at out and/or a GGUF file for
+    llama.cpp at gguf (export_gguf.py), each written under a temporary name and renamed when whole: a killed export
+    never leaves a directory or a file that looks finished. Returns out, or gguf when there is no out."""
     import checkpoint
     from data_loader import get_tokenizer
     from model import GPT, GPTConfig
@@ -354,36 +423,61 @@ def export(ckpt, out, dtype="auto"):
     settings, kind, path = base_settings(ckpt)
     if kind != "nanooss":
         raise BridgeError(f"{ckpt} is already an HF directory")
-    if os.path.exists(out) and os.listdir(out):
+    if out and os.path.exists(out) and os.listdir(out):
         raise BridgeError(f"{out} exists and is not empty: choose a new --out (nothing is written over)")
-    unwritable = checkpoint.unwritable(os.path.dirname(os.path.abspath(out)))  # where the export is written, then renamed
-    if unwritable:
-        raise BridgeError(f"--out {out}: {unwritable}: choose an --out you can write to")
+    for flag, target in (("--out", out), ("--gguf", gguf)):
+        unwritable = target and checkpoint.unwritable(os.path.dirname(os.path.abspath(target)))  # written there, then renamed
+        if unwritable:
+            raise BridgeError(f"{flag} {target}: {unwritable}: choose a place you can write to")
+    if gguf:
+        from export_gguf import check_gguf_target, gguf_refusal, write_gguf
+
+        check_gguf_target(gguf, gguf_type)
     cfg = GPTConfig.from_dict(settings)
     cfg.lora_rank = 0  # a fine-tune is exported merged: its adapters folded into the base's weights
     enc = get_tokenizer(settings["tokenizer"]) if settings.get("tokenizer") else None
     if enc is not None and enc.n_vocab > cfg.vocab_size:
         raise BridgeError(f"tokenizer {settings['tokenizer']} has ids up to {enc.n_vocab - 1}, beyond the model's vocab_size "
                           f"{cfg.vocab_size}: the checkpoint's config.json names the wrong tokenizer")
-    config = hf_config(cfg, enc.eot_token if enc else None)
+    problem = gguf and gguf_refusal(cfg, settings.get("tokenizer"))
+    if problem:
+        raise BridgeError(f"cannot write {gguf}: {problem}")
+    eos, stops = end_tokens(enc) if enc else (None, [])
+    config = hf_config(cfg, eos, enc._special_tokens.get("<|endoftext|>", eos) if enc else None) if out else None
     with torch.device("meta"):
         model = GPT(GPTConfig.from_dict(settings))
     model.to_empty(device="cpu")
     load_weights(model, "nanooss", path)
     model.merge_lora()
-    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a killed export's leftovers: ours to remove
-    os.makedirs(tmp)
-    want = getattr(torch, dtype) if dtype not in ("", "auto") else None
     tensors = {}
     for n, p in model.named_parameters():  # a shared block is written once per use: an unrolled GptOss, exactly equal
-        t = (p.detach().to(want) if want else p.detach()).contiguous()
+        t = p.detach().contiguous()
         if n.startswith("layers."):
             block, rest = n.split(".", 2)[1:]
             tensors.update({hf_name(f"layers.{j}.{rest}"): t.clone() for j, b in enumerate(model.plan) if b == int(block)})
         else:
             tensors[hf_name(n)] = t
-    config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    if "lm_head.weight" not in tensors:  # tied: the output matrix is written anyway, as llama.cpp's gpt-oss requires it
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    if out:
+        files = {"config.json": config, "generation_config.json": {"eos_token_id": stops or eos, "pad_token_id": config["pad_token_id"],
+                                                                   "do_sample": True}}
+        if enc is not None:
+            files.update(tokenizer_files(enc, cfg.vocab_size))
+        want = getattr(torch, dtype) if dtype not in ("", "auto") else None
+        write_hf_dir(out, {k: t.to(want) if want else t for k, t in tensors.items()}, files)
+    if gguf:
+        write_gguf(tensors, cfg, enc, settings["tokenizer"], gguf, gguf_type)
+    return out or gguf
+
+
+def write_hf_dir(out, tensors, files):
+    """tensors in safetensors shards under SHARD_BYTES (and their index), and files (name: JSON object, or text),
+    into a temporary directory renamed to out when whole."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed export's leftovers: ours to remove
+    os.makedirs(tmp)
+    files["config.json"]["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     shards, size = [{}], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -397,30 +491,34 @@ def export(ckpt, out, dtype="auto"):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_safetensors(shard, os.path.join(tmp, fname))
         weight_map.update({k: fname for k in shard})
-    files = {"config.json": config, "generation_config.json": {"eos_token_id": config["eos_token_id"],
-                                                               "pad_token_id": config["pad_token_id"], "do_sample": True}}
     if len(shards) > 1:
         files["model.safetensors.index.json"] = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                                                  "weight_map": weight_map}
-    if enc is not None:
-        files.update(tokenizer_files(enc))
     for fname, obj in files.items():
         with open(os.path.join(tmp, fname), "w") as f:
-            json.dump(obj, f, ensure_ascii=False)
+            if isinstance(obj, str):  # chat_template.jinja
+                f.write(obj)
+            else:
+                json.dump(obj, f, ensure_ascii=False)
     if os.path.exists(out):
-        os.rmdir(out)  # empty, checked above
+        os.rmdir(out)  # empty, checked in export
     os.rename(tmp, out)
-    return out
 
 
 def main():
     from configurator import configure
 
     settings = configure(dict(SETTINGS))
-    if not settings["ckpt"] or not settings["out"]:
-        raise BridgeError("usage: python export_hf.py --ckpt=OUT_DIR_OR_CKPT --out=HF_DIR [--dtype=bfloat16]")
-    out = export(settings["ckpt"], settings["out"], settings["dtype"])
-    print(f"wrote {out}: load it with transformers' AutoModelForCausalLM.from_pretrained({out!r})")
+    if not settings["ckpt"] or not (settings["out"] or settings["gguf"]):
+        raise BridgeError("usage: python export_hf.py --ckpt=OUT_DIR_OR_CKPT --out=HF_DIR [--dtype=bfloat16] "
+                          "and/or --gguf=FILE.gguf [--gguf_type=f16|bf16|q8_0|f32]")
+    export(settings["ckpt"], settings["out"], settings["dtype"], settings["gguf"], settings["gguf_type"])
+    if settings["out"]:
+        print(f"wrote {settings['out']}: load it with transformers' AutoModelForCausalLM.from_pretrained({settings['out']!r})")
+    if settings["gguf"]:
+        size = os.path.getsize(settings["gguf"])
+        print(f"wrote {settings['gguf']} ({size / 1e6:.1f} MB, {settings['gguf_type']}): run it with llama.cpp, e.g. "
+              f"llama-completion -m {settings['gguf']} -no-cnv -p \"Once upon a time\"")
 
 
 if __name__ == "__main__":

@@ -188,13 +188,20 @@ def test_hf_to_nanooss_to_hf_is_bit_identical(tmp_path, hf_dir):
     assert cfg["max_position_embeddings"] == 256  # 64 x YaRN factor 4: what the RoPE settings reach
 
 
-def test_a_lora_finetune_of_an_hf_base_merges_exports_and_loads_in_transformers(tmp_path, hf_dir, data_dir):
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, hf_dir, data_dir):
+    """A LoRA fine-tune of the HF base, adapters on every target (the router too), trained 3 steps."""
+    out = str(tmp_path_factory.mktemp("lora") / "ft")
+    r = run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={hf_dir}", "--lora_rank=8",
+                   "--lora_targets=q,k,v,o,experts,router", "--max_iters=3", "--eval_interval=0", "--lr=1e-2", "--warmup_iters=0")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_a_lora_finetune_of_an_hf_base_merges_exports_and_loads_in_transformers(tmp_path, hf_dir, lora_run):
     from export_hf import export
 
-    out = str(tmp_path / "ft")
-    r = run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", f"--init_from={hf_dir}", "--lora_rank=8",
-                   "--max_iters=3", "--eval_interval=0", "--lr=1e-2", "--warmup_iters=0")
-    assert r.returncode == 0, r.stderr
+    out = lora_run
     adapter = os.path.join(out, "adapter")
     cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and "q_proj" in cfg["target_modules"]
@@ -207,3 +214,46 @@ def test_a_lora_finetune_of_an_hf_base_merges_exports_and_loads_in_transformers(
     theirs = hf_logits(hf_out, idx)
     torch.testing.assert_close(our_logits(merged, idx), theirs, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(theirs, hf_logits(hf_dir, idx), atol=1e-3)  # the fine-tune moved it
+
+
+@pytest.mark.parametrize("name,vocab_size,specials", [
+    ("o200k_base:4096", 4160, ""), ("o200k_base", 201088, "<|endofprompt|>"), ("cl100k_base", 100352, "<|fim_prefix|>x<|fim_suffix|>"),
+    ("o200k_harmony", 201088, "<|start|>user<|message|>hi<|end|><|endofprompt|><|reserved_201087|>")])
+def test_exported_tokenizers_have_one_name_per_id_and_give_tiktokens_ids(tmp_path, name, vocab_size, specials):
+    from data_loader import get_tokenizer, render_chat
+    from export_hf import tokenizer_files
+
+    enc = get_tokenizer(name)
+    for fname, obj in tokenizer_files(enc, vocab_size).items():
+        with open(tmp_path / fname, "w") as f:
+            f.write(obj) if isinstance(obj, str) else json.dump(obj, f)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = tok.get_vocab()  # every name, added (special) tokens included
+    assert len(ids) == vocab_size and sorted(ids.values()) == list(range(vocab_size))  # one name per id, none past the model
+    text = f"Return a new list, naïve café 東京 🙂\n\n    indented = 1<|endoftext|>{specials}  trailing  \t\n"
+    assert tok.encode(text) == enc.encode(text, allowed_special="all")
+    assert tok.convert_ids_to_tokens(vocab_size - 1) == (f"[PAD{vocab_size - 1}]" if vocab_size > enc.n_vocab else "<|reserved_201087|>")
+    if name == "o200k_harmony":  # gpt-oss's name for 200018, and a fine-tune's chat in its own template
+        assert tok.convert_ids_to_tokens(200018) == "<|endofprompt|>" and tok.eos_token == "<|return|>"
+        chat = {"messages": [{"role": "System", "content": "Be brief."}, {"role": "developer", "content": "Answer in French."},
+                             {"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Let me look."},
+                             {"role": "tool", "name": "get_weather", "content": "{\"sunny\": true}"},
+                             {"role": "assistant", "content": "Il fait beau."}]}
+        assert tok.apply_chat_template(chat["messages"], tokenize=True, return_dict=False) == render_chat(chat, enc)[0]
+        prompt = tok.apply_chat_template(chat["messages"][:3], add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert enc.decode(prompt).endswith("<|end|><|start|>assistant<|channel|>final<|message|>")
+
+
+def test_peft_loads_a_finetunes_adapter_onto_the_hf_base_as_our_merged_model(hf_dir, lora_run):
+    peft = pytest.importorskip("peft")
+    adapter = os.path.join(lora_run, "adapter")
+    saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    tuned = peft.PeftModel.from_pretrained(base, adapter)
+    loaded = peft.get_peft_model_state_dict(tuned)  # what peft holds: a key it dropped would be missing here, or at init
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert any(".mlp.experts.base_layer.lora_A" in k for k in saved) and any(".mlp.router.lora_B" in k for k in saved)
+    idx = torch.randint(0, 4097, (1, 50))
+    merged, _ = load_model(lora_run)
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(idx).logits, our_logits(merged, idx), atol=1e-5, rtol=1e-5)
