@@ -70,17 +70,18 @@ def gpu_peak(dev, dt):
 
 
 def our_step_fn(cfg, dev, ctx, use_compile):
-    from model import GPT
+    from model import GPT, compile_blocks
 
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
     model.loss_chunk = loss_chunk
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fwd = torch.compile(model) if use_compile else model
+    if use_compile:
+        compile_blocks(model)  # as train.py does
 
     def step(x):
         with ctx:
-            loss, stats = fwd(x, x)[1:]
+            loss, stats = model(x, x)[1:]
             total = loss + 0.01 * stats["aux"] + 0.001 * stats["z"]
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -169,7 +170,7 @@ def peak_memory_gb(dev):
 
 def main():
     from configurator import check_device, configure
-    from model import flops_per_token, param_counts, pick_device, pick_dtype
+    from model import flops_per_token, param_counts, pick_device, pick_dtype, set_tf32
 
     argv = sys.argv[1:]
     if not any(a.endswith(".py") for a in argv):
@@ -178,6 +179,7 @@ def main():
     check_device(device)
     dev = pick_device(device)
     dev_type = dev.split(":")[0]
+    tf32 = set_tf32(dev_type)
     if dev_type == "cpu":
         torch.manual_seed(0)
         fp32_peak, bf16_peak = matmul_peak(dev, torch.float32), matmul_peak(dev, torch.bfloat16)
@@ -199,7 +201,8 @@ def main():
     n = param_counts(cfg)
     fpt = flops_per_token(cfg, block_size)
     print(f"model: {n['total'] / 1e6:.1f}M parameters, {n['active'] / 1e6:.1f}M active | batch {batch_size} x {block_size} | "
-          f"{fpt / 1e6:.0f} MFLOP per token | device {dev} | dtype {dt_name} | compile {use_compile}", flush=True)
+          f"{fpt / 1e6:.0f} MFLOP per token | device {dev} | dtype {dt_name} | compile {use_compile} | "
+          f"tf32 {'on' if tf32 else 'off'}", flush=True)
     x = torch.randint(0, cfg.vocab_size, (batch_size, block_size), device=dev)
 
     runners = {"nanoOSS": our_step_fn(cfg, dev, ctx, use_compile)}

@@ -129,6 +129,7 @@ RULES = {
     "device": Rule(str, pattern=r"auto|cpu|mps|cuda(:\d+)?", form="auto, cpu, mps, cuda or cuda:N"),
     "dtype": Rule(str, choices=("auto", "float32", "bfloat16", "float16")),
     "compile": Rule(bool, off="None = on for CUDA only"), "seed": COUNT,
+    "compile_backend": Rule(str, pattern=r"\w+|[\w.]+:\w+", form="a backend torch.compile knows (inductor, aot_eager) or module:function"),
     # sample.py
     "ckpt": TEXT, "tokenizer": TEXT, "start": TEXT, "num_samples": POSITIVE, "max_new_tokens": POSITIVE,
     "use_cache": FLAG, "chat": FLAG,

@@ -132,6 +132,59 @@ def pick_dtype(want, dev_type):
     return "float32"
 
 
+def set_tf32(dev_type, on=True):
+    """The TF32 policy of every script: fp32 matmuls on CUDA's tensor cores (Ampere and later: several times the
+    fp32 rate, a 10-bit mantissa; bf16 autocast's matmuls are bf16 anyway). on=False for parity checks of fp32
+    CUDA against the CPU. The CPU's own setting is left alone. Returns whether TF32 is on, for the start line."""
+    if dev_type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = on  # not set_float32_matmul_precision: that one switches the CPU's too
+    torch.backends.cudnn.allow_tf32 = on
+    return on
+
+
+def compile_blocks(model, backend="inductor"):
+    """torch.compile each block, as torchtitan does (train.py, sample.py and bench.py compile this way).
+    Measured on CPU against compiling the whole model (README, "torch.compile"): the blocks share their compiled
+    code (what serves one sliding layer serves all, and so for full layers), so compile time does not grow with
+    n_layer; the embedding, the recursion routers and the fused loss (its own schedule) stay eager, and so do
+    FSDP2's per-block hooks. dynamic=None: each graph is compiled first for the shapes it meets, and a dimension
+    that changes later (eval's, the sample's) becomes symbolic at its first change: one recompile, not one per
+    shape. backend: a name torch.compile knows (inductor, aot_eager, ...) or "module:function". Returns model."""
+    if isinstance(backend, str) and ":" in backend:
+        import importlib
+
+        module, name = backend.split(":")
+        backend = getattr(importlib.import_module(module), name)
+    # a run meets the block's code in more variants than dynamo's 8 (sliding and full; training, eval, the
+    # sample's prefill and decode; MoR's gathered and masked calls); past the limit it would run eager, silently
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in model.layers:
+        block.forward = torch.compile(block.forward, backend=backend)
+    return model
+
+
+def uncompile_blocks(model):
+    """Back to eager: the blocks' own forward again (compile_blocks set each one's on the instance)."""
+    for block in model.layers:
+        block.__dict__.pop("forward", None)
+
+
+def compiler_error(e):
+    """For an exception of torch.compile's making, raised by dynamo, AOTAutograd or inductor while compiling (the
+    first call, a recompile, the backward's compile at its first use) or from inside compiled code: one line that
+    names it (what the backend raised, unwrapped). None for any other exception."""
+    import traceback
+
+    parts = ("torch/_dynamo/", "torch/_functorch/", "torch/_inductor/")
+    ours = isinstance(e, torch._dynamo.exc.TorchDynamoException) or any(
+        p in f.filename.replace("\\", "/") for f in traceback.extract_tb(e.__traceback__) for p in parts)
+    if not ours:
+        return None
+    e = getattr(e, "inner_exception", None) or e  # BackendCompilerFailed wraps what the backend raised
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -171,6 +224,9 @@ def rope_tables(cfg, seq_len, device=None):
 def rotate(x, cos, sin):
     """Each position's pairs (x1[i], x2[i]) turned by its angle; halves, not interleaved pairs: the layout of
     gpt-oss and HF. Written into one output, four kernels, no temporaries (autograd's version takes twelve)."""
+    if torch.compiler.is_compiling():  # out= into views is not traceable; inductor fuses this into one kernel anyway
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     out = torch.empty_like(x)
     (x1, x2), (o1, o2) = x.chunk(2, dim=-1), out.chunk(2, dim=-1)
     torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1.0)
@@ -275,16 +331,20 @@ _masks = {}
 def block_mask(B, n, window, has_sink, device):
     """[B x n, 1, window, 2 x window (+1)]: query i of a block sees key j of (previous block, own block) when
     0 <= window + i - j < window; block 0 has no previous block; the sink (last column) is seen by all."""
-    key = (B, n, window, has_sink, str(device))
-    if key not in _masks:
-        i, j = torch.arange(window), torch.arange(2 * window)
-        d = window + i[:, None] - j[None, :]
-        m = ((d >= 0) & (d < window)).expand(n, window, 2 * window).clone()
-        m[0, :, :window] = False
-        if has_sink:
-            m = torch.cat([m, torch.ones(n, window, 1, dtype=torch.bool)], dim=-1)
-        _masks[key] = m.repeat(B, 1, 1).unsqueeze(1).to(device)
-    return _masks[key]
+    compiling = torch.compiler.is_compiling()  # then the mask is built in the graph: a lookup here would be a guard
+    key = None if compiling else (B, n, window, has_sink, str(device))  # on the cache, a recompile for each new entry
+    if key in _masks:
+        return _masks[key]
+    i, j = torch.arange(window, device=device), torch.arange(2 * window, device=device)
+    d = window + i[:, None] - j[None, :]
+    m = ((d >= 0) & (d < window)).expand(n, window, 2 * window).clone()
+    m[0, :, :window] = False
+    if has_sink:
+        m = torch.cat([m, m.new_ones(n, window, 1)], dim=-1)
+    m = m.repeat(B, 1, 1).unsqueeze(1)
+    if not compiling:
+        _masks[key] = m
+    return m
 
 
 class FrozenMatmul(torch.autograd.Function):
@@ -392,10 +452,8 @@ def swiglu(h, alpha, limit):
 
 def use_grouped_mm(x):
     """torch._grouped_mm runs the experts in one kernel on CPU and on CUDA in bf16; elsewhere (MPS, fp32 CUDA)
-    a loop over experts does. torch.compile cannot trace the CPU kernel (its fake-tensor rule fails in torch
-    2.13), so a compiled CPU model takes the loop too."""
-    on_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
-    return on_cpu or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
+    a loop over experts does."""
+    return x.device.type == "cpu" or (x.device.type == "cuda" and x.dtype == torch.bfloat16)
 
 
 def grouped_mm(x, w, offs, ends=None):
@@ -456,6 +514,10 @@ class Experts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm
             dt = torch.get_autocast_dtype(x.device.type)
         x = x.to(dt)
+        if torch.compiler.is_compiling() and not (x.is_cuda and use_grouped_mm(x)):
+            # left out of the graph, run eagerly: the loop needs the group sizes on the host (in a graph, a guard on
+            # each size would recompile it every step), and the CPU kernel's fake-tensor rule fails (torch 2.13)
+            return torch.compiler.disable(self.forward)(x, expert_of_row, offs)
         ends = None if use_grouped_mm(x) else offs.tolist()
         # per-row biases via F.embedding: its backward is deterministic, that of bias[expert_of_row] is not on CPU
         h = self.project(x, "gate_up_proj", offs, ends, dt) + F.embedding(expert_of_row, self.gate_up_proj_bias.to(dt))
@@ -590,6 +652,12 @@ class GPT(nn.Module):
             """Applied layer j (its unique block), on x: the whole sequence, or tokens gathered from it at positions
             `where`, or the sequence with only `active` tokens as keys."""
             block = self.layers[self.plan[j]]
+            if where is not None and "forward" in vars(block):  # gathered tokens (MoR training) into a compiled block
+                # (compile_blocks): their count changes with the recursion step and, for token-choice, every step. Marked
+                # dynamic, so that the block takes any count with no recompile (and ranks never recompile at different steps).
+                for t in (x, cos, sin, where, active):
+                    if t is not None:
+                        torch._dynamo.maybe_mark_dynamic(t, 1)
             if self.activation_checkpointing and torch.is_grad_enabled():
                 x, a, zz, l = checkpoint(block, x, cos, sin, None, where, active, use_reentrant=False)
             else:

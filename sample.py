@@ -24,7 +24,8 @@ top_k = 200  # sample from the k likeliest tokens (0 = from every token)
 seed = 1337
 device = "auto"
 dtype = "auto"  # auto: bfloat16 on CUDA and MPS, float32 on CPU
-compile = False  # torch.compile the model (CUDA: faster decoding after a compile of a minute or so)
+compile = False  # torch.compile the model's blocks (CUDA: faster decoding after a compile of a minute or so); on a
+# compiler error the samples are made eager, the same tokens
 use_cache = True  # False: rerun the whole context for every token (slow; the reference the tests compare with)
 chat = False  # wrap --start as a user turn in the chat template the fine-tune was trained with, print the answer only
 
@@ -59,7 +60,7 @@ def main():
     import checkpoint
     from configurator import ConfigError, check_device, configure
     from data_loader import decodable, get_tokenizer
-    from model import pick_device, pick_dtype
+    from model import compile_blocks, compiler_error, pick_device, pick_dtype, set_tf32, uncompile_blocks
 
     configure(globals())
     check_device(device)
@@ -75,6 +76,7 @@ def main():
             raise checkpoint.CheckpointError(f"{problem}: pass --ckpt=<an older ckpt_N folder>")
     dev = pick_device(device)
     dev_type = dev.split(":")[0]
+    tf32 = set_tf32(dev_type)
     dt = {"auto": torch.float32 if dev_type == "cpu" else torch.bfloat16}.get(dtype) or getattr(torch, pick_dtype(dtype, dev_type))
     model, settings = load_model(path, dev, dt)
     enc = get_tokenizer(tokenizer or settings.get("tokenizer") or "o200k_harmony")
@@ -89,12 +91,24 @@ def main():
             raise ConfigError(f"--start=FILE:{prompt[5:]}: {e.strerror}")
     ids, stops = prompt_ids(prompt, enc, chat)
     x = torch.tensor([ids] * num_samples, device=dev)
-    g = torch.Generator(device=dev).manual_seed(seed)
     allowed = torch.from_numpy(decodable(enc, model.cfg.vocab_size)).to(dev)  # never an id the tokenizer cannot decode
     if compile:
-        model.forward = torch.compile(model.forward, dynamic=True)
+        compile_blocks(model)
+
+    def generate():
+        g = torch.Generator(device=dev).manual_seed(seed)
+        return model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=g, use_cache=use_cache,
+                              allowed=allowed)
     t = time.time()
-    y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=g, use_cache=use_cache, allowed=allowed)
+    try:
+        y = generate()
+    except Exception as e:
+        if not (compile and compiler_error(e)):
+            raise
+        print(f"sample.py: compile off ({compiler_error(e)}): sampling eager", file=sys.stderr, flush=True)
+        uncompile_blocks(model)
+        t = time.time()
+        y = generate()
     seconds = time.time() - t
     for row in y.tolist():
         if chat:  # the answer alone, up to the template's end of turn
@@ -103,7 +117,8 @@ def main():
         print(enc.decode(row))
         print("---------------")
     print(f"{num_samples} x {max_new_tokens} tokens in {seconds:.1f} s: {num_samples * max_new_tokens / seconds:.1f} tok/s "
-          f"({dev}, {str(dt).removeprefix('torch.')}, {'KV cache' if use_cache else 'no cache'})", file=sys.stderr)
+          f"({dev}, {str(dt).removeprefix('torch.')}, {'KV cache' if use_cache else 'no cache'}, tf32 {'on' if tf32 else 'off'}, "
+          f"compile {'on' if compile else 'off'})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,8 @@ max_iters = 5000
 # system
 device = "auto"  # auto | cuda | cuda:N | mps | cpu
 dtype = "auto"  # auto | float32 | bfloat16 | float16
-compile = None  # None = on for CUDA only (on CPU and MPS it compiles for ~30 s and is no faster)
+compile = None  # None = on for CUDA only (on CPU and MPS it compiles for ~30 s and is no faster); a compiler error: eager
+compile_backend = "inductor"  # torch.compile's backend: a name it knows (aot_eager: no code generation) or module:function
 seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -347,7 +348,8 @@ def main():
     import checkpoint
     from configurator import ConfigError, check_device, configure
     from data_loader import DataError, DataLoader, build_data, decodable, get_tokenizer, needs_building
-    from model import GPT, GPTConfig, flops_per_token, param_counts, pick_dtype
+    from model import (GPT, GPTConfig, compile_blocks, compiler_error, flops_per_token, param_counts, pick_dtype, set_tf32,
+                       uncompile_blocks)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     # ---- set-up: settings, processes, device and precision, data; nothing in out_dir is touched until all are good.
@@ -423,9 +425,7 @@ def main():
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    if dev_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    tf32 = set_tf32(dev_type)
     if needs_building(data_dir, data_recipe, sys.argv[1:]):
         if master:
             print(f"{data_dir} is missing: building it with prepare_fineweb.py {data_recipe} (the config's data_recipe)", flush=True)
@@ -552,8 +552,36 @@ def main():
         print(f"saved {path}")
 
     raw_model = model
+    compile_off = None  # the first step that runs eager after a compiler error (None: compiled throughout, or never)
     if use_compile:
-        model = torch.compile(model)
+        try:
+            compile_blocks(model, compile_backend)  # in place: model, raw_model.generate and eval all use the compiled blocks
+        except Exception as e:  # an unknown backend name, a module:function that does not import
+            fail(f"config error: compile_backend {compile_backend!r}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]} "
+                 f"(use inductor, aot_eager, or module:function)")
+
+    def eager_from_here(why, where):
+        """A compiler error (`why`, one line) at `where`: the rest of the run is eager (the same numbers, slower); one
+        line says so, the log and the heartbeat say from which step."""
+        nonlocal compile_off
+        uncompile_blocks(raw_model)
+        compile_off = iter_num + 1
+        print(f"compile off from step {compile_off}: {where} failed under torch.compile ({why}); eager from here", flush=True)
+        if not eval_only:
+            log({"iter": iter_num, "compile_off": compile_off, "compile_error": why})
+            heartbeat("compile off", force=True)
+
+    def compiled_or_eager(fn, where):
+        """fn(), and after a compiler error inside it, fn() again eager (eval and the sample change no state). Under
+        torchrun every rank meets the same graphs at the same call, so all fail there and fall back together."""
+        try:
+            return fn()
+        except Exception as e:
+            why = use_compile and compile_off is None and compiler_error(e)
+            if not why:
+                raise
+            eager_from_here(why, where)
+            return fn()
 
     @torch.no_grad()
     def estimate_loss():
@@ -593,7 +621,7 @@ def main():
               + (f" | val with top-k routing {losses['val_topk']:.3f} (causal: the first)" if "val_topk" in losses else ""), flush=True)
 
     if eval_only:  # score what would be resumed (or init_from's weights) and leave
-        report_eval(estimate_loss())
+        report_eval(compiled_or_eager(estimate_loss, "the eval"))
         if dist:
             torch.distributed.destroy_process_group()
         return
@@ -653,7 +681,8 @@ def main():
             try:
                 checkpoint.write_json_atomic(heartbeat_path, {"time": now, "pid": os.getpid(), "iter": iter_num, "phase": phase,
                                                               "device_mem_gb": used, "device_total_gb": total, "peak_rss_gb": peak_rss_gb(),
-                                                              "max_memory_reserved_gb": reserved, "eta_s": eta_s()})
+                                                              "max_memory_reserved_gb": reserved, "eta_s": eta_s(),
+                                                              "compile_off": compile_off})
             except OSError as e:
                 out_of_space(e, heartbeat_path)
             last_beat = now
@@ -663,8 +692,8 @@ def main():
     tokens_per_iter = batch_size * block_size * grad_accum_steps
     flops_per_iter = flops_per_token(cfg, block_size) * tokens_per_iter
     peak = peak_flops(dev, dt)
-    print(f"{f'{world} processes (FSDP) | ' if dist else ''}device {dev} | dtype {dt} | compile {use_compile} | params {n['total'] / 1e6:.2f}M total, "
-          f"{n['active'] / 1e6:.2f}M active | {tokens_per_iter} tokens/iter")
+    print(f"{f'{world} processes (FSDP) | ' if dist else ''}device {dev} | dtype {dt} | compile {use_compile} | tf32 {'on' if tf32 else 'off'} | "
+          f"params {n['total'] / 1e6:.2f}M total, {n['active'] / 1e6:.2f}M active | {tokens_per_iter} tokens/iter")
     log_file = open(log_path, "a") if master else None
     trackers = open_trackers(config) if master else []
 
@@ -688,8 +717,17 @@ def main():
     heartbeat("start", force=True)
     t_last, tokens_since, plotter = time.time(), 0, None
     stop = dropped = False  # agreed by all ranks
+
+    def rewind(step_start):
+        """Back to a step's start (dropped, or its compiled forward or backward failed): no gradients, and the data
+        position and RNG of its first micro step, so that redoing it gives what it would have given."""
+        optimizer.zero_grad(set_to_none=True)
+        train_data.load_state_dict(step_start[0])
+        set_rng_state(step_start[1], dev_type)
+
     while iter_num < max_iters and not stop:
-        step_start = train_data.state_dict(), rng_state(dev_type)  # a stop mid-step goes back here
+        step_start = train_data.state_dict(), rng_state(dev_type)  # a stop mid-step, or a compiler error, goes back here
+        failed = None  # a compiler error (one line) in this step's forward or backward
         cur_lr = get_lr(iter_num)
         for group in optimizer.param_groups:
             group["lr"] = cur_lr
@@ -710,23 +748,31 @@ def main():
                 raw_model.set_requires_gradient_sync(sync_grads_every_micro_step or micro == accum - 1)
             x, y = train_data.next_batch()
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            with ctx:
-                loss, stats = model(x, y)[1:]  # not `_, loss, stats`: that would keep the logits alive through backward
-                total = loss + router_aux_loss_coef * stats["aux"] + router_z_loss_coef * stats["z"]
-                if "mor_aux" in stats:
-                    mor_z = stats.get("mor_z", torch.zeros((), device=dev))
-                    total = total + mor_coef * stats["mor_aux"] + mor_z_loss_coef * mor_z
-                    mor_sum += torch.stack([stats["mor_aux"], mor_z]).detach()
-                    mor_share += stats["mor_share"] / accum
-            scaler.scale(total / accum).backward()  # FSDP then averages over ranks: the mean over all micro batches
+            try:
+                with ctx:
+                    loss, stats = model(x, y)[1:]  # not `_, loss, stats`: that would keep the logits alive through backward
+                    total = loss + router_aux_loss_coef * stats["aux"] + router_z_loss_coef * stats["z"]
+                    if "mor_aux" in stats:
+                        mor_z = stats.get("mor_z", torch.zeros((), device=dev))
+                        total = total + mor_coef * stats["mor_aux"] + mor_z_loss_coef * mor_z
+                        mor_sum += torch.stack([stats["mor_aux"], mor_z]).detach()
+                        mor_share += stats["mor_share"] / accum
+                scaler.scale(total / accum).backward()  # FSDP then averages over ranks: the mean over all micro batches
+            except Exception as e:
+                failed = use_compile and compile_off is None and compiler_error(e)
+                if not failed:
+                    raise
+                break
             loss_sum += loss.detach()
             aux_sum += stats["aux"].detach()
             z_sum += stats["z"].detach()
             load += stats["load"]
+        if use_compile and compile_off is None and any_rank(failed is not None):  # all ranks go eager together
+            eager_from_here(failed or "a compiler error on another rank", f"step {iter_num + 1}")
+            rewind(step_start)
+            continue  # the same step again, eager
         if dropped:  # the checkpoint then holds the data position and RNG of this step's start: resuming redoes it exactly
-            optimizer.zero_grad(set_to_none=True)
-            train_data.load_state_dict(step_start[0])
-            set_rng_state(step_start[1], dev_type)
+            rewind(step_start)
             print(f"stopping: step {iter_num + 1} dropped after {micro} of {accum} micro steps (it is redone on resume)", flush=True)
             break
         scaler.unscale_(optimizer)
@@ -783,7 +829,7 @@ def main():
             heartbeat("eval", force=True)
             if test_hook(f"sigterm:eval:{iter_num}:{rank}"):
                 os.kill(os.getpid(), signal.SIGTERM)
-            losses = estimate_loss()
+            losses = compiled_or_eager(estimate_loss, f"the eval at iter {iter_num}")
             best_val_loss = min(best_val_loss, losses["val"])
             report_eval(losses)
             log({"iter": iter_num, "eval": True, "train_loss": losses["train"], "val_loss": losses["val"], "val_acc": losses["val_acc"],
@@ -794,7 +840,7 @@ def main():
 
         if sampling and iter_num % sample_every == 0:
             try:
-                print(f"sample {iter_num} | {sample_text()!r}", flush=True)
+                print(f"sample {iter_num} | {compiled_or_eager(sample_text, f'the sample at iter {iter_num}')!r}", flush=True)
             except Exception as e:  # no tokenizer offline, a meta.json that names none, ...: a sample never ends a run
                 print(f"sampling off: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", flush=True)
                 sampling = False

@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, full_only
 
 SMALL = ["--n_layer=1", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--head_dim=32", "--n_expert=4",
          "--intermediate_size=64", "--vocab_size=1000", "--block_size=64", "--batch_size=2", "--rounds=1"]
@@ -18,3 +18,12 @@ def test_bench_runs_and_prints_the_side_by_side_table():
     assert "matmul probe" in out and "peak memory of this process" in out
     tok_s = float(out.split("| nanoOSS |")[1].split("|")[1].replace(",", ""))
     assert tok_s > 0
+
+
+@full_only
+def test_bench_runs_compiled():
+    """--compile=True used to crash as train.py did (issue 20); the blocks compile as train.py compiles them."""
+    r = subprocess.run([sys.executable, "bench.py", *SMALL, "--compile=True", "--hf=False", "--layer_T=0"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compile True" in r.stdout and "| nanoOSS |" in r.stdout and "MoE overhead: " in r.stdout
