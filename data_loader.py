@@ -215,11 +215,12 @@ def install_tokenizer_file(path, name):
     every script loads `name` offline from then on. The file is first loaded from a scratch cache, where
     tiktoken checks its sha256, so that a wrong file never replaces a good one."""
     import gzip
-    import shutil
     import tempfile
     import zipfile
 
     import tiktoken_ext.openai_public as registry
+
+    from checkpoint import write_atomic
 
     base = name.partition(":")[0]
     if base not in BPE_FILE:
@@ -256,8 +257,7 @@ def install_tokenizer_file(path, name):
         if not ok:
             raise DataError(f"--tokenizer_file {path} is not {base}'s BPE file (its sha256 does not match)")
         os.makedirs(cache, exist_ok=True)
-        shutil.copyfile(os.path.join(scratch, key), os.path.join(cache, key) + ".tmp")
-        os.replace(os.path.join(cache, key) + ".tmp", os.path.join(cache, key))
+        write_atomic(os.path.join(cache, key), data)  # the bytes just checked
     return get_tokenizer(name)
 
 
