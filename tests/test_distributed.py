@@ -229,7 +229,7 @@ def test_checkpoint_from_two_processes_exports_to_transformers_with_the_same_log
     model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager",
                                                                     output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    ours, _ = __import__("sample").load_model(ckpt)
+    ours, _ = __import__("weights").load_model(ckpt)
     idx = torch.randint(0, 4097, (2, 64))
     with torch.no_grad():
         torch.testing.assert_close(model(idx).logits, ours(idx, idx)[0], atol=1e-5, rtol=1e-5)
