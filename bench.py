@@ -5,8 +5,8 @@ the same model in Hugging Face transformers (GptOssForCausalLM) side by side.
     python bench.py config/8b_moe.py --n_layer=2 --batch_size=1 --device=cuda
 A step is what train.py does: forward, loss + router losses, backward, gradient clipping, AdamW. Runs
 alternate (ours, HF, ours, HF, ...) and medians are reported, since shared machines are noisy.
-MFU: model FLOPs (model.flops_per_token) per second over the device's peak: on CUDA the GPU's dense bf16
-(or fp32) peak; on CPU the best of a square-matmul probe at the run's dtype, measured here.
+MFU: model FLOPs (sizing.flops_per_token) per second over the device's peak: on CUDA the GPU's dense bf16
+(or fp32) peak (devices.peak_flops); on CPU the best of a square-matmul probe at the run's dtype, measured here.
 transformers is optional (pip install transformers): without it the HF column says so.
 """
 import os
@@ -18,7 +18,7 @@ from dataclasses import fields, replace
 
 import torch
 
-from model import GPTConfig
+from model import GPT, GPTConfig
 
 # the shape: every GPTConfig field is a setting; config/mac_micro.py is read first unless a config file is given
 globals().update({f.name: f.default for f in fields(GPTConfig)})
@@ -60,28 +60,18 @@ def matmul_peak(dev, dt, n=2048, reps=5):
     return 2 * n ** 3 / best
 
 
-def gpu_peak(dev, dt):
-    name = torch.cuda.get_device_name(dev)
-    table = {"H200": (989e12, 67e12), "H100": (989e12, 67e12), "A100": (312e12, 19.5e12)}  # dense bf16, fp32
-    for key, (bf16, fp32) in table.items():
-        if key in name:
-            return (bf16 if dt != torch.float32 else fp32), name
-    return None, name
-
-
 def our_step_fn(cfg, dev, ctx, use_compile):
-    from model import GPT, compile_blocks
+    from devices import compile_blocks
 
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
-    model.loss_chunk = loss_chunk
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     if use_compile:
         compile_blocks(model)  # as train.py does
 
     def step(x):
         with ctx:
-            loss, stats = model(x, x)[1:]
+            loss, stats = model(x, x, loss_chunk=loss_chunk)[1:]
             total = loss + 0.01 * stats["aux"] + 0.001 * stats["z"]
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -93,18 +83,14 @@ def our_step_fn(cfg, dev, ctx, use_compile):
 def hf_step_fn(cfg, dev, ctx, dt):
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    hc = GptOssConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, num_hidden_layers=cfg.n_layer,
-                      num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-                      num_local_experts=cfg.n_expert, num_experts_per_tok=cfg.experts_per_token,
-                      intermediate_size=cfg.intermediate_size, sliding_window=cfg.sliding_window,
-                      layer_types=["sliding_attention" if cfg.layer_is_sliding(i) else "full_attention" for i in range(cfg.n_layer)],
-                      max_position_embeddings=cfg.block_size, tie_word_embeddings=cfg.tie_embeddings,
-                      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                      output_router_logits=True, router_aux_loss_coef=0.01)
+    from export_hf import hf_config
+
+    # the config our export writes, with HF's router loss on (its loss then includes router_aux_loss_coef * aux)
+    hc = GptOssConfig.from_dict({**hf_config(cfg), "output_router_logits": True, "router_aux_loss_coef": 0.01})
     hc._attn_implementation = "eager"  # the sinks need eager (or kernels that are not on CPU)
     torch.manual_seed(0)
     model = GptOssForCausalLM(hc).to(dev)
-    ours = sum(p.numel() for p in __import__("model").GPT(cfg).parameters())
+    ours = sum(p.numel() for p in GPT(cfg).parameters())
     assert sum(p.numel() for p in model.parameters()) == ours, "HF model differs in size from ours"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
@@ -170,7 +156,8 @@ def peak_memory_gb(dev):
 
 def main():
     from configurator import check_device, configure
-    from model import flops_per_token, param_counts, pick_device, pick_dtype, set_tf32
+    from devices import compile_blocks, peak_flops, pick_device, pick_dtype, set_tf32
+    from sizing import flops_per_token, param_counts
 
     argv = sys.argv[1:]
     if not any(a.endswith(".py") for a in argv):
@@ -193,8 +180,7 @@ def main():
         print(f"matmul probe ({torch.get_num_threads()} threads): fp32 {fp32_peak / 1e9:.0f} GFLOP/s, bf16 {bf16_peak / 1e9:.0f} GFLOP/s"
               f" -> dtype {dt_name}")
     elif dev_type == "cuda":
-        peak, where = gpu_peak(dev, dt)
-        where = f"{where}, dense {dt_name} peak"
+        peak, where = peak_flops(dev, dt_name), f"{torch.cuda.get_device_name(dev)}, dense {dt_name} peak"
     else:
         peak, where = None, "MPS (no peak known)"
     tokens = batch_size * block_size

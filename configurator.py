@@ -144,7 +144,7 @@ RULES = {
     "free_pct": PERCENT, "stop_pct": PERCENT, "min_available_pct": Rule(float, ge=0, lt=100), "interval": ABOVE_0,
     "grace_s": NONNEGATIVE, "max_memory_restarts": COUNT, "max_crash_restarts": COUNT, "hang_s": ABOVE_0,
     "max_hours": Rule(float, ge=0, off="0 = no limit"), "min_free_disk_gb": NONNEGATIVE, "preflight": FLAG,
-    "preflight_fit": FLAG, "strict": FLAG, "train_script": NAME,
+    "preflight_fit": FLAG, "strict": FLAG, "train_script": NAME, "check_only": FLAG,
     # export_hf.py (and its --ckpt, --dtype above)
     "out": TEXT, "gguf": TEXT, "gguf_type": Rule(str, choices=("f32", "f16", "bf16", "q8_0")),
     # bench.py, bench/gpu_check.py, bench/memory.py
@@ -259,25 +259,33 @@ def _lineno(exc, path):
     return line
 
 
-def parse(argv, defaults):
-    """Returns {key: value} for every setting argv changes. Raises ConfigError with a one-line message."""
+def parse(argv, defaults, rest=None):
+    """Returns {key: value} for every setting argv changes: config files, then --key=value, --key value, or a bare
+    --flag (a bool setting: True). rest: a list that takes, in order, the arguments that are not for these settings
+    (config files and other keys: another script's, as safe_train.py passes train.py's on); without it they are
+    errors. Raises ConfigError with a one-line message."""
     out = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if not arg.startswith("--"):
+        key, eq, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if rest is not None and not (arg.startswith("--") and key in defaults):
+            rest.append(arg)
+        elif not arg.startswith("--"):
             for key, value in _read_file(arg).items():
                 _known(key, defaults, arg)
                 out[key] = _coerce(key, value, defaults[key], arg)
         else:
-            key, eq, text = arg[2:].partition("=")
-            if not eq:  # --key value
+            _known(key, defaults, "the command line")
+            following = argv[i + 1].lower() if i + 1 < len(argv) else ""
+            if not eq and isinstance(defaults[key], bool) and following not in ("true", "false"):
+                text = "True"  # a bare flag: --strict
+            elif not eq:  # --key value
                 if i + 1 >= len(argv):
                     raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
                 i += 1
                 text = argv[i]
-            key = key.replace("-", "_")
-            _known(key, defaults, "the command line")
             value = text if isinstance(defaults[key], str) else _parse_value(text)  # text settings take the text as typed
             out[key] = _coerce(key, value, defaults[key], f"--{key}")
         i += 1
@@ -286,7 +294,7 @@ def parse(argv, defaults):
 
 def script_defaults(path):
     """A script's settings (its top-level assignments of plain values), read from its source without running it:
-    what another script checks a config against (safe_train.py, model.py against train.py's)."""
+    what another script checks a config against (safe_train.py, sizing.py: configure(script_defaults(train.py)))."""
     with open(path) as f:
         tree = ast.parse(f.read())
     out = {}
@@ -304,13 +312,14 @@ def settings(scope):
     return [k for k, v in scope.items() if not k.startswith("_") and not k.isupper() and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 
 
-def configure(scope, argv=None, keys=None):
-    """Apply argv (default: sys.argv[1:]) to the dict `scope` (a script's globals()) once every setting is in range
-    (check); returns {setting: value}. Raises ConfigError, and then changes nothing. keys: the names that count as
-    settings (default: settings(scope))."""
+def configure(scope, argv=None, keys=None, rest=None):
+    """Every script's way in: apply argv (default: sys.argv[1:]) to the dict `scope` (a script's globals(), or another
+    script's settings from script_defaults) once every setting is in range (check); returns {setting: value}. Raises
+    ConfigError, and then changes nothing. keys: the names that count as settings (default: settings(scope)). rest:
+    see parse."""
     argv = sys.argv[1:] if argv is None else argv
     keys = keys or settings(scope)
-    changes = parse(argv, {k: scope[k] for k in keys})
+    changes = parse(argv, {k: scope[k] for k in keys}, rest)
     config = {k: changes.get(k, scope[k]) for k in keys}
     check(config)
     scope.update(changes)

@@ -215,11 +215,12 @@ def install_tokenizer_file(path, name):
     every script loads `name` offline from then on. The file is first loaded from a scratch cache, where
     tiktoken checks its sha256, so that a wrong file never replaces a good one."""
     import gzip
-    import shutil
     import tempfile
     import zipfile
 
     import tiktoken_ext.openai_public as registry
+
+    from checkpoint import write_atomic
 
     base = name.partition(":")[0]
     if base not in BPE_FILE:
@@ -256,8 +257,7 @@ def install_tokenizer_file(path, name):
         if not ok:
             raise DataError(f"--tokenizer_file {path} is not {base}'s BPE file (its sha256 does not match)")
         os.makedirs(cache, exist_ok=True)
-        shutil.copyfile(os.path.join(scratch, key), os.path.join(cache, key) + ".tmp")
-        os.replace(os.path.join(cache, key) + ".tmp", os.path.join(cache, key))
+        write_atomic(os.path.join(cache, key), data)  # the bytes just checked
     return get_tokenizer(name)
 
 
@@ -327,3 +327,74 @@ def chat_prompt(text, enc):
     harmony = enc.name.startswith("o200k_harmony")
     end = enc.encode("<|return|>", allowed_special="all") if harmony else [enc.eot_token]
     return ids[:len(ids) - len(end)], set(end) | ({enc.encode("<|end|>", allowed_special="all")[0]} if harmony else set())
+
+
+# ----------------------------------------------------------------------------- the vocabulary as HF and llama.cpp store it
+
+def bytes_to_unicode():
+    """GPT-2's byte -> printable character table, which HF's byte-level BPE stores its vocabulary in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+PLACEHOLDER = "[PAD{}]"  # an id that tiktoken leaves empty, named as llama.cpp's converter names it
+
+
+def vocab_table(enc, vocab_size):
+    """Every id below vocab_size as tokenizer.json and GGUF store it: (names, kinds, merges).
+    names[i]: a mergeable token's bytes in GPT-2's byte -> character table, a special token's text, or
+    "[PAD<i>]" for an id tiktoken leaves empty (holes between its ranges, and the padding up to vocab_size): a
+    placeholder that no text produces. kinds[i]: "normal", "special" or "unused" (a placeholder). A special id
+    with two names keeps the first in tiktoken's table, the base encoding's: o200k_harmony's 200018 is
+    <|endofprompt|> (o200k_base's, which gpt-oss's published tokenizer keeps), not <|reserved_200018|>.
+    merges: every split of a token into two tokens, in the order of the merged token's rank, so that byte-level
+    BPE by merge priority reproduces tiktoken's lowest-rank-first merging (two pairs that make the same token
+    overlap only if they split it alike, so ties go leftmost in both)."""
+    ranks, table = enc._mergeable_ranks, bytes_to_unicode()
+    text = {t: "".join(table[b] for b in t) for t in ranks}
+    names, kinds = [None] * vocab_size, ["unused"] * vocab_size
+    for t, i in ranks.items():
+        names[i], kinds[i] = text[t], "normal"
+    for t, i in enc._special_tokens.items():
+        if kinds[i] == "unused":
+            names[i], kinds[i] = t, "special"
+    names = [PLACEHOLDER.format(i) if n is None else n for i, n in enumerate(names)]
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += [(text[a], text[b]) for a, b in sorted(splits, key=lambda s: (ranks[s[0]], ranks[s[1]]))]
+    return names, kinds, merges
+
+
+def is_harmony(enc):
+    """Whether enc has harmony's chat tokens (o200k_harmony; not a cut of it, which keeps <|endoftext|> alone)."""
+    return all(t in enc._special_tokens for t in ("<|start|>", "<|message|>", "<|return|>", "<|end|>", "<|call|>"))
+
+
+def end_tokens(enc):
+    """(the end-of-sequence id, every id that ends a generation): <|endoftext|>, or for harmony the end of an
+    answer (<|return|>), of a turn (<|end|>) and of a tool call (<|call|>)."""
+    if is_harmony(enc):
+        ids = [enc._special_tokens[t] for t in ("<|return|>", "<|end|>", "<|call|>")]
+        return ids[0], ids
+    eot = enc._special_tokens.get("<|endoftext|>", min(enc._special_tokens.values(), default=None))
+    return eot, [] if eot is None else [eot]
+
+
+# data_loader.render_chat's harmony format, for transformers' apply_chat_template and llama.cpp's --jinja: the same
+# ids for the same messages (tests/test_hf.py checks it); generation starts the assistant's final-channel answer
+HARMONY_TEMPLATE = (
+    "{%- for m in messages -%}{%- set role = m['role'] | lower -%}"
+    "{%- if role == 'assistant' -%}<|start|>assistant<|channel|>final<|message|>{{ m['content'] }}"
+    "{{ '<|return|>' if loop.last else '<|end|>' }}"
+    "{%- elif role == 'tool' -%}<|start|>{{ m['name'] if '.' in m['name'] else 'functions.' ~ m['name'] }} "
+    "to=assistant<|channel|>commentary<|message|>{{ m['content'] }}<|end|>"
+    "{%- elif role == 'developer' -%}<|start|>developer<|message|># Instructions\n\n{{ m['content'] }}<|end|>"
+    "{%- else -%}<|start|>{{ role }}<|message|>{{ m['content'] }}<|end|>{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|start|>assistant<|channel|>final<|message|>{%- endif -%}")

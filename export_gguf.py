@@ -15,7 +15,8 @@ import gguf
 import numpy as np
 import torch
 
-from export_hf import HARMONY_TEMPLATE, BridgeError, end_tokens, is_harmony, vocab_table
+from data_loader import HARMONY_TEMPLATE, end_tokens, is_harmony, vocab_table
+from weights import BridgeError
 
 # llama.cpp's pre-tokenizer for each tiktoken encoding (llama-vocab.cpp): the regex that splits text before BPE.
 # Its converter finds the name by hashing the ids of a test string, which a cut vocabulary (o200k_base:N) changes;

@@ -2,7 +2,8 @@
 The GPT-OSS network at any size, in the order of the forward pass:
 RMSNorm -> RoPE (with YaRN) -> attention (GQA, sinks, sliding window) -> SwiGLU experts -> MoE -> block -> GPT.
 Parameter names match Hugging Face GptOssForCausalLM (add "model." in front of all but lm_head), so an
-exporter is a rename. Also here, from a config alone: parameter counts, FLOPs per token and a memory estimate.
+exporter is a rename. The loss sits just before GPT, whose forward ends with it. Sizes and costs from a config
+alone (parameter counts, FLOPs, the memory estimate) are in sizing.py, the choice of device and dtype in devices.py.
 This file imports nothing of ours; of torch.distributed only DTensor, lazily, to initialise a sharded model.
 """
 import math
@@ -103,86 +104,16 @@ class GPTConfig:
     def layer_is_sliding(self, i):
         return self.attn_pattern[i % len(self.attn_pattern)] == "S"
 
+    def rope_reach(self):
+        """The longest context the RoPE settings cover: YaRN stretches the original context by its factor."""
+        if self.rope_scaling_factor > 1.0:
+            return int(self.initial_context_length * self.rope_scaling_factor)
+        return self.block_size
+
     @classmethod
     def from_dict(cls, d):
         """The model settings among any settings (a script's config, a checkpoint's config.json); the rest is ignored."""
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-
-
-def pick_device(want="auto"):
-    """'auto': CUDA, else Apple MPS, else CPU; anything else as asked."""
-    if want != "auto":
-        return want
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def pick_dtype(want, dev_type):
-    """'auto': bf16 autocast on CUDA (fp16 where the GPU has no bf16) and on MPS from macOS 14 (before it only
-    fp32 is reliable), fp32 on CPU (bf16 pays only on CPUs with bf16 matmul units: bench.py tells)."""
-    if want != "auto":
-        return want
-    if dev_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if dev_type == "mps":
-        return "bfloat16" if torch.backends.mps.is_macos_or_newer(14, 0) else "float32"
-    return "float32"
-
-
-def set_tf32(dev_type, on=True):
-    """The TF32 policy of every script: fp32 matmuls on CUDA's tensor cores (Ampere and later: several times the
-    fp32 rate, a 10-bit mantissa; bf16 autocast's matmuls are bf16 anyway). on=False for parity checks of fp32
-    CUDA against the CPU. The CPU's own setting is left alone. Returns whether TF32 is on, for the start line."""
-    if dev_type != "cuda":
-        return False
-    torch.backends.cuda.matmul.allow_tf32 = on  # not set_float32_matmul_precision: that one switches the CPU's too
-    torch.backends.cudnn.allow_tf32 = on
-    return on
-
-
-def compile_blocks(model, backend="inductor"):
-    """torch.compile each block, as torchtitan does (train.py, sample.py and bench.py compile this way).
-    Measured on CPU against compiling the whole model (README, "torch.compile"): the blocks share their compiled
-    code (what serves one sliding layer serves all, and so for full layers), so compile time does not grow with
-    n_layer; the embedding, the recursion routers and the fused loss (its own schedule) stay eager, and so do
-    FSDP2's per-block hooks. dynamic=None: each graph is compiled first for the shapes it meets, and a dimension
-    that changes later (eval's, the sample's) becomes symbolic at its first change: one recompile, not one per
-    shape. backend: a name torch.compile knows (inductor, aot_eager, ...) or "module:function". Returns model."""
-    if isinstance(backend, str) and ":" in backend:
-        import importlib
-
-        module, name = backend.split(":")
-        backend = getattr(importlib.import_module(module), name)
-    # a run meets the block's code in more variants than dynamo's 8 (sliding and full; training, eval, the
-    # sample's prefill and decode; MoR's gathered and masked calls); past the limit it would run eager, silently
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for block in model.layers:
-        block.forward = torch.compile(block.forward, backend=backend)
-    return model
-
-
-def uncompile_blocks(model):
-    """Back to eager: the blocks' own forward again (compile_blocks set each one's on the instance)."""
-    for block in model.layers:
-        block.__dict__.pop("forward", None)
-
-
-def compiler_error(e):
-    """For an exception of torch.compile's making, raised by dynamo, AOTAutograd or inductor while compiling (the
-    first call, a recompile, the backward's compile at its first use) or from inside compiled code: one line that
-    names it (what the backend raised, unwrapped). None for any other exception."""
-    import traceback
-
-    parts = ("torch/_dynamo/", "torch/_functorch/", "torch/_inductor/")
-    ours = isinstance(e, torch._dynamo.exc.TorchDynamoException) or any(
-        p in f.filename.replace("\\", "/") for f in traceback.extract_tb(e.__traceback__) for p in parts)
-    if not ours:
-        return None
-    e = getattr(e, "inner_exception", None) or e  # BackendCompilerFailed wraps what the backend raised
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 class RMSNorm(nn.Module):
@@ -325,6 +256,8 @@ def sliding_attention(q, k, v, sinks, window, scale):
     return y.transpose(1, 2).reshape(B, n * W, H, Dp)[:, :T, :, :D]
 
 
+# block_mask's masks by shape: building one took 28 ms at 1 x 4096 on a 2-core CPU, a tenth of that sliding
+# attention's forward and backward. A run meets a few shapes (training, eval, the sample); past 8 the oldest goes.
 _masks = {}
 
 
@@ -343,6 +276,8 @@ def block_mask(B, n, window, has_sink, device):
         m = torch.cat([m, m.new_ones(n, window, 1)], dim=-1)
     m = m.repeat(B, 1, 1).unsqueeze(1)
     if not compiling:
+        if len(_masks) >= 8:  # a few shapes per run (training, eval, the sample); bounded all the same
+            del _masks[next(iter(_masks))]
         _masks[key] = m
     return m
 
@@ -398,7 +333,6 @@ class LoRALinear(nn.Linear):
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
-        self.cfg = cfg
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.window = cfg.sliding_window if cfg.layer_is_sliding(layer_idx) else None
         lora = lambda t: (cfg.lora_rank if cfg.lora_on(t) else 0, cfg.lora_alpha)
@@ -582,260 +516,7 @@ class Block(nn.Module):
         return x + h, aux, z, load
 
 
-class GPT(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()  # the settings' ranges (n_head a multiple of n_kv_head, ...) are checked before: configurator.RULES
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.plan, (self.n_first, self.n_shared, _) = cfg.schedule()  # the unique block of each applied layer
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_blocks()))
-        # recursion routers: expert-choice, one logit per token per recursion step (row r of the weight);
-        # token-choice, one logit per depth
-        self.mor_router = nn.Linear(cfg.n_embd, cfg.n_recursion, bias=False) if cfg.mor_router != "none" else None
-        self.mor_topk = None  # None: top-k while training, the causal threshold otherwise; True / False force one
-        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        # tied: the head reads embed_tokens.weight directly, so there is one parameter, not two sharing a
-        # tensor (to_empty() and FSDP would quietly untie those)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg, cfg.block_size)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        # training-time memory savers, not architecture (train.py sets them): recompute each block in the
-        # backward instead of keeping its activations; compute the loss this many tokens at a time, so the
-        # [tokens, vocab] logits never exist whole (0 = all at once)
-        self.activation_checkpointing = False
-        self.loss_chunk = 0
-        self.init_weights()
-
-    @torch.no_grad()
-    def init_weights(self):
-        """GPT-2 style: N(0, 0.02), biases and sinks 0, norms 1, projections into the residual scaled by 1/sqrt(2 * n_layer).
-        Each parameter's full values are drawn on the CPU, in a fixed order, from the global RNG, then
-        copied in: the same numbers on any device, after to_empty() from the meta device, or sharded over
-        any number of ranks (a DTensor keeps its own shard), so runs on 1 and on 8 GPUs start alike."""
-        std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            full = torch.empty(p.shape)
-            if "lora_B" in name:  # zero: a fresh adapter leaves the model as it was
-                full.zero_()
-            elif "lora_A" in name:  # [r, in] or per expert [E, in, r]: N(0, 1/fan_in)
-                full.normal_(0.0, 1.0 / math.sqrt(p.shape[-1] if p.dim() == 2 else p.shape[-2]))
-            elif p.dim() >= 2 and not name.endswith("bias"):  # expert biases are 2-D, yet biases: they start at 0
-                resid = name.endswith(("o_proj.weight", "down_proj"))
-                full.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer) if resid else std)
-            else:
-                full.fill_(1.0 if name.endswith("norm.weight") else 0.0)
-            if hasattr(p, "device_mesh"):  # an FSDP shard: keep this rank's slice, no communication
-                from torch.distributed.tensor import distribute_tensor
-
-                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
-                p = p.to_local()
-            p.copy_(full)
-        if self.rope_cos.device.type != "meta":  # recompute: to_empty() leaves buffers uninitialised
-            self.rope_cos, self.rope_sin = rope_tables(self.cfg, self.cfg.block_size, self.rope_cos.device)
-
-    def forward(self, idx, targets=None, cache=None, pos=0):
-        """Returns (logits, loss, stats). loss is the LM cross-entropy alone; stats holds the router's
-        raw aux and z losses (means over layers) and the per-layer expert counts [n_layer, n_expert],
-        so the caller chooses the coefficients and logs the raw values. Generation passes a cache (one dict
-        per layer, see generate) and the position of idx's first token."""
-        B, T = idx.shape
-        assert cache is not None or T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
-        assert pos + T <= len(self.rope_cos), f"position {pos + T} is past the RoPE tables ({len(self.rope_cos)})"
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
-        x = self.embed_tokens(idx)
-        aux, z, load = [], [], []
-
-        def run(j, x, cos=cos, sin=sin, where=None, active=None):
-            """Applied layer j (its unique block), on x: the whole sequence, or tokens gathered from it at positions
-            `where`, or the sequence with only `active` tokens as keys."""
-            block = self.layers[self.plan[j]]
-            if where is not None and "forward" in vars(block):  # gathered tokens (MoR training) into a compiled block
-                # (compile_blocks): their count changes with the recursion step and, for token-choice, every step. Marked
-                # dynamic, so that the block takes any count with no recompile (and ranks never recompile at different steps).
-                for t in (x, cos, sin, where, active):
-                    if t is not None:
-                        torch._dynamo.maybe_mark_dynamic(t, 1)
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                x, a, zz, l = checkpoint(block, x, cos, sin, None, where, active, use_reentrant=False)
-            else:
-                x, a, zz, l = block(x, cos, sin, None if cache is None else cache[j], where, active)
-            aux.append(a)
-            z.append(zz)
-            load.append(l)
-            return x
-
-        stats = {}
-        if self.mor_router is None:
-            for j in range(len(self.plan)):
-                x = run(j, x)
-        else:
-            for j in range(self.n_first):
-                x = run(j, x)
-            routed = self.token_recursions if self.cfg.mor_router == "token" else self.expert_recursions
-            x = routed(x, cos, sin, run, stats)
-            for j in range(self.n_first + self.n_shared * self.cfg.n_recursion, len(self.plan)):
-                x = run(j, x)
-        x = self.norm(x)
-        stats.update({"aux": torch.stack(aux).mean(), "z": torch.stack(z).mean(), "load": torch.stack(load)})
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        if targets is None:
-            return F.linear(x[:, [-1], :], head), None, stats  # generation needs the last position only
-        if self.loss_chunk:
-            return None, chunked_cross_entropy(x, head, targets, self.loss_chunk, stats), stats
-        logits = F.linear(x, head)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss, stats
-
-    def expert_recursions(self, x, cos, sin, run, stats):
-        """Expert-choice Mixture-of-Recursions over the shared layers. Step r's router scores the tokens still in;
-        gate g = mor_alpha * sigmoid(logit). Training: the top capacity_r x T of them by g go on (hierarchical:
-        only those of step r-1 are candidates), gathered and run alone at their own positions (compute falls with
-        capacity), and become H + g * f(H); the others keep H. A BCE loss teaches each router to say "top-k" by
-        itself (stats["mor_aux"]). Eval and generation: a token goes on while sigmoid(logit) > 0.5, causally (top-k
-        over a sequence would read its future); every token is computed, only those going on are keys."""
-        B, T, d = x.shape
-        caps, W, alpha, m = self.cfg.capacities(), self.mor_router.weight, self.cfg.mor_alpha, self.n_shared
-        topk = self.training if self.mor_topk is None else self.mor_topk
-        first = self.n_first
-        bce, share = [], []
-        if topk:
-            cand = torch.arange(T, device=x.device).expand(B, T)
-            for r, cap in enumerate(caps):
-                xc = x.gather(1, cand[..., None].expand(-1, -1, d))
-                logit = F.linear(xc, W[r:r + 1]).squeeze(-1).float()
-                k = max(1, int(cap * T))
-                top = logit.topk(k, dim=1).indices.sort(dim=1).values  # sigmoid is monotonic: the top g; kept in order
-                bce.append(F.binary_cross_entropy_with_logits(logit, torch.zeros_like(logit).scatter(1, top, 1.0)))
-                where = cand.gather(1, top)  # positions in the sequence
-                h = xc.gather(1, top[..., None].expand(-1, -1, d))
-                out = h
-                for u in range(m):
-                    out = run(first + r * m + u, out, cos[where], sin[where], where)
-                g = alpha * torch.sigmoid(logit.gather(1, top))
-                x = x.scatter(1, where[..., None].expand(-1, -1, d), h + g[..., None].to(h.dtype) * out)
-                cand = where
-                share.append(k / T)
-        else:
-            active = None  # all tokens, until a step with capacity below 1 lets its router decide
-            for r, cap in enumerate(caps):
-                logit = F.linear(x, W[r:r + 1]).squeeze(-1).float()
-                if cap < 1:
-                    active = (logit > 0) if active is None else active & (logit > 0)
-                out = x
-                for u in range(m):
-                    out = run(first + r * m + u, out, active=active)
-                new = x + (alpha * torch.sigmoid(logit))[..., None].to(x.dtype) * out
-                x = new if active is None else torch.where(active[..., None], new, x)
-                share.append(1.0 if active is None else active.float().mean())
-                if active is not None:
-                    bce.append(F.binary_cross_entropy_with_logits(logit, active.float()))
-        stats["mor_aux"] = torch.stack(bce).mean() if bce else x.new_zeros(())
-        # share of tokens through each recursion step, on the device: no host sync per step
-        stats["mor_share"] = torch.stack([torch.as_tensor(s, dtype=torch.float32, device=x.device) for s in share])
-        return x
-
-    def token_recursions(self, x, cos, sin, run, stats):
-        """Token-choice Mixture-of-Recursions: the router reads each token as it enters the shared layers and picks
-        its depth, 1..n_recursion, by softmax (p: the chosen depth's probability). A token runs that many steps and
-        leaves as H + p * f^depth(H), f being the shared layers' whole output, as in the paper's code. The choice is
-        the token's own, so training, eval and generation route alike (causal). Training gathers the tokens still
-        going at each step, padded to the longest row with a zero state at position T (after every real position,
-        so no real token sees it; the MoE leaves it out of its counts); eval and generation compute every
-        token and keep only those going on as keys, the way the KV cache wants. Losses: the MoE balancing loss
-        over depths (stats["mor_aux"], 1 when even) and the z-loss (stats["mor_z"])."""
-        B, T, d = x.shape
-        N, m, first = self.cfg.n_recursion, self.n_shared, self.n_first
-        logits = self.mor_router(x).float()
-        probs = logits.softmax(-1)
-        p, depth = probs.max(-1)  # depth 0..N-1: the token takes recursion steps 0..depth
-        h, share = x, []
-        for r in range(N):
-            going = depth >= r
-            share.append(going.float().mean())
-            layers = range(first + r * m, first + (r + 1) * m)
-            if r == 0:  # every token takes the first step: the whole sequence, on the contiguous kernels
-                for j in layers:
-                    h = run(j, h)
-            elif self.training:
-                i = torch.arange(T, device=x.device).expand(B, T)
-                n = max(1, int(going.sum(1).max()))  # the longest row; the others padded
-                where = torch.where(going, i, T + i).sort(1).values[:, :n].clamp(max=T)  # going first, in order; pads at T
-                hp = torch.cat([h, h.new_zeros(B, 1, d)], dim=1)
-                idx = where[..., None].expand(-1, -1, d)
-                out, at = hp.gather(1, idx), where.clamp(max=T - 1)  # a pad's RoPE angle does not matter: no real token sees it
-                for j in layers:  # active: pads are not counted by the MoE (attention keeps them out by position)
-                    out = run(j, out, cos[at], sin[at], where, where < T)
-                h = hp.scatter(1, idx, out)[:, :T]
-            else:
-                out = h
-                for j in layers:
-                    out = run(j, out, active=going)
-                h = torch.where(going[..., None], out, h)
-        frac = F.one_hot(depth, N).float().mean(dim=(0, 1))  # share of tokens at each depth
-        stats["mor_aux"] = N * (frac * probs.mean(dim=(0, 1))).sum()
-        stats["mor_z"] = torch.logsumexp(logits, dim=-1).square().mean()
-        stats["mor_share"] = torch.stack(share)
-        return x + p[..., None].to(x.dtype) * h
-
-    def merge_lora(self):
-        """Fold every adapter into its weights: a plain model (lora_rank 0) that sample.py and export_hf.py read."""
-        for m in self.modules():
-            if isinstance(m, (LoRALinear, Experts)):
-                m.merge()
-        self.cfg = replace(self.cfg, lora_rank=0)
-        return self
-
-    def rope_reach(self):
-        """The longest context the RoPE settings cover: YaRN stretches the original context by its factor."""
-        if self.cfg.rope_scaling_factor > 1.0:
-            return int(self.cfg.initial_context_length * self.cfg.rope_scaling_factor)
-        return self.cfg.block_size
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True, allowed=None):
-        """Sampling (temperature 0: greedy; top_k None or 0: from every token). allowed: a bool tensor [vocab_size], True
-        for the ids the tokenizer can decode (data_loader.decodable): no other id is ever picked, neither the padding
-        past the tokenizer nor the holes inside it. With the KV cache: one forward over the prompt (the prefill), then
-        one token at a time against the cached keys and values; sliding layers keep only their window. Up to
-        the RoPE reach (past block_size for YaRN models); beyond it the context is cut to its last half and
-        prefilled again. Without the cache every step reruns the context (the reference the tests hold it to)."""
-        reach = self.rope_reach()
-        if len(self.rope_cos) < min(idx.shape[1] + max_new_tokens, reach):  # tables for positions past block_size
-            cos, sin = rope_tables(self.cfg, min(idx.shape[1] + max_new_tokens, reach), self.rope_cos.device)
-            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
-        limit = reach if use_cache else self.cfg.block_size
-        banned = None if allowed is None else ~allowed
-        cache, pos = None, 0
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits = self(idx[:, -limit:])[0]
-            elif cache is None or pos >= limit:  # the prefill (again, past the reach: positions restart at 0)
-                ctx = idx[:, -(limit if cache is None else limit // 2):]
-                cache = [{} for _ in self.plan]  # one per applied layer: a shared block keeps each use's keys
-                logits, pos = self(ctx, cache=cache)[0], ctx.shape[1]
-            else:
-                logits = self(idx[:, -1:], cache=cache, pos=pos)[0]
-                pos += 1
-            logits = logits[:, -1, :].float()
-            if banned is not None:
-                logits = logits.masked_fill(banned, -float("inf"))
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                nxt = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sizes and costs from a config alone (no weights built), for logs, MFU, the README and the supervisor.
+# The loss, beside the forward that computes it: the LM cross-entropy over the head's logits.
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of x @ head.T against targets, `chunk` rows at a time, with its gradients computed
@@ -893,241 +574,242 @@ def chunked_cross_entropy(x, head, targets, chunk, stats=None):
     return total / scored.clamp(min=1)
 
 
-def param_counts(cfg):
-    """total, active (per token) and embedding parameter counts."""
-    d, hd, E, I = cfg.n_embd, cfg.head_dim, cfg.n_expert, cfg.intermediate_size
-    attn = d * hd * (cfg.n_head + 2 * cfg.n_kv_head) + hd * (cfg.n_head + 2 * cfg.n_kv_head)  # q, k, v
-    attn += cfg.n_head * hd * d + d + (cfg.n_head if cfg.sinks else 0)  # o_proj, sinks
-    expert = d * 2 * I + 2 * I + I * d + d
-    router = d * E + E
-    layer = attn + router + E * expert + 2 * d
-    embedding = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
-    r = cfg.lora_rank
-    shapes = {"q": (d, cfg.n_head * hd), "k": (d, cfg.n_kv_head * hd), "v": (d, cfg.n_kv_head * hd), "o": (cfg.n_head * hd, d), "router": (d, E)}
-    lora_expert = r * (d + 2 * I) + r * (I + d) if cfg.lora_on("experts") else 0
-    blocks = cfg.n_blocks()
-    lora = blocks * (sum(r * (i + o) for t, (i, o) in shapes.items() if cfg.lora_on(t)) + E * lora_expert)
-    mor = d * cfg.n_recursion if cfg.mor_router != "none" else 0
-    total = blocks * layer + d + embedding + lora + mor
-    active = total - blocks * (E - cfg.experts_per_token) * (expert + lora_expert)
-    return {"total": total, "active": active, "embedding": embedding, "lora": lora, "layer_active": layer - (E - cfg.experts_per_token) * expert}
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()  # the settings' ranges (n_head a multiple of n_kv_head, ...) are checked before: configurator.RULES
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.plan, (self.n_first, self.n_shared, _) = cfg.schedule()  # the unique block of each applied layer
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_blocks()))
+        # recursion routers: expert-choice, one logit per token per recursion step (row r of the weight);
+        # token-choice, one logit per depth
+        self.mor_router = nn.Linear(cfg.n_embd, cfg.n_recursion, bias=False) if cfg.mor_router != "none" else None
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        # tied: the head reads embed_tokens.weight directly, so there is one parameter, not two sharing a
+        # tensor (to_empty() and FSDP would quietly untie those)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg, cfg.block_size)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # a training-time memory saver, not architecture (train.py sets it once, as the model is built): recompute
+        # each block in the backward instead of keeping its activations
+        self.activation_checkpointing = False
+        self.init_weights()
 
+    @torch.no_grad()
+    def init_weights(self):
+        """GPT-2 style: N(0, 0.02), biases and sinks 0, norms 1, projections into the residual scaled by 1/sqrt(2 * n_layer).
+        Each parameter's full values are drawn on the CPU, in a fixed order, from the global RNG, then
+        copied in: the same numbers on any device, after to_empty() from the meta device, or sharded over
+        any number of ranks (a DTensor keeps its own shard), so runs on 1 and on 8 GPUs start alike."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            full = torch.empty(p.shape)
+            if "lora_B" in name:  # zero: a fresh adapter leaves the model as it was
+                full.zero_()
+            elif "lora_A" in name:  # [r, in] or per expert [E, in, r]: N(0, 1/fan_in)
+                full.normal_(0.0, 1.0 / math.sqrt(p.shape[-1] if p.dim() == 2 else p.shape[-2]))
+            elif p.dim() >= 2 and not name.endswith("bias"):  # expert biases are 2-D, yet biases: they start at 0
+                resid = name.endswith(("o_proj.weight", "down_proj"))
+                full.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layer) if resid else std)
+            else:
+                full.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+            if hasattr(p, "device_mesh"):  # an FSDP shard: keep this rank's slice, no communication
+                from torch.distributed.tensor import distribute_tensor
 
-def layer_shares(cfg):
-    """The share of a sequence's tokens that each applied layer computes: 1, or a recursion step's capacity."""
-    plan, (first, m, last) = cfg.schedule()
-    if cfg.mor_router == "none":
-        return [1.0] * len(plan)
-    return [1.0] * first + [c for c in cfg.capacities() for _ in range(m)] + [1.0] * last
+                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p = p.to_local()
+            p.copy_(full)
+        if self.rope_cos.device.type != "meta":  # recompute: to_empty() leaves buffers uninitialised
+            self.rope_cos, self.rope_sin = rope_tables(self.cfg, self.cfg.block_size, self.rope_cos.device)
 
+    def forward(self, idx, targets=None, cache=None, pos=0, loss_chunk=0, mor_topk=None):
+        """Returns (logits, loss, stats). loss is the LM cross-entropy alone; stats holds the router's
+        raw aux and z losses (means over layers) and the per-layer expert counts [n_layer, n_expert],
+        so the caller chooses the coefficients and logs the raw values. Generation passes a cache (one dict
+        per layer, see generate) and the position of idx's first token. loss_chunk: the loss this many tokens at
+        a time, fused with its gradient when training, so the [tokens, vocab] logits never exist whole (0 = all at
+        once; logits are then returned, else None). mor_topk (expert-choice recursion): None, top-k over the
+        sequence while training and the causal threshold otherwise; True / False force one."""
+        B, T = idx.shape
+        assert cache is not None or T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
+        assert pos + T <= len(self.rope_cos), f"position {pos + T} is past the RoPE tables ({len(self.rope_cos)})"
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        x = self.embed_tokens(idx)
+        if self.mor_router is None:
+            x, per_layer = self.run_layers(range(len(self.plan)), x, cos, sin, cache)
+            stats = {}
+        else:  # the unshared first layers, the routed recursion steps, the unshared last ones
+            x, first = self.run_layers(range(self.n_first), x, cos, sin, cache)
+            if self.cfg.mor_router == "token":
+                x, shared, stats = self.token_recursions(x, cos, sin, cache)
+            else:
+                x, shared, stats = self.expert_recursions(x, cos, sin, cache, self.training if mor_topk is None else mor_topk)
+            x, last = self.run_layers(range(self.n_first + self.n_shared * self.cfg.n_recursion, len(self.plan)), x, cos, sin, cache)
+            per_layer = first + shared + last
+        x = self.norm(x)
+        aux, z, load = (torch.stack(t) for t in zip(*per_layer))
+        stats.update({"aux": aux.mean(), "z": z.mean(), "load": load})
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if targets is None:
+            return F.linear(x[:, [-1], :], head), None, stats  # generation needs the last position only
+        if loss_chunk:
+            return None, chunked_cross_entropy(x, head, targets, loss_chunk, stats), stats
+        logits = F.linear(x, head)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss, stats
 
-def flops_per_token(cfg, seq_len):
-    """Training FLOPs (forward + backward) per token, PaLM-style: 6 x active weights that do matmuls
-    (the output layer counts, the embedding lookup does not) + attention scores over the context each
-    layer really sees (sliding layers see at most sliding_window keys)."""
-    n = param_counts(cfg)
-    matmul_params = n["active"] - cfg.vocab_size * cfg.n_embd * (0 if cfg.tie_embeddings else 1) - cfg.n_blocks() * n["layer_active"]
-    attn = 0
-    # a recursion step's layers run a capacity's share of the tokens, each against that share of the keys
-    for i, share in zip(cfg.schedule()[0], layer_shares(cfg)):
-        ctx = min(seq_len, cfg.sliding_window) if cfg.layer_is_sliding(i) else seq_len
-        attn += 12 * cfg.n_head * cfg.head_dim * ctx * share * share
-        matmul_params += n["layer_active"] * share
-    return 6 * matmul_params + attn
+    def run_layers(self, layers, x, cos, sin, cache=None, where=None, active=None):
+        """The applied layers `layers` in order (each runs its unique block) on x: the whole sequence, or tokens
+        gathered from it at positions `where`, or the sequence with only `active` tokens as keys. Returns (x, the
+        (aux, z, load) of each layer)."""
+        stats = []
+        for j in layers:
+            block = self.layers[self.plan[j]]
+            if where is not None and "forward" in vars(block):  # gathered tokens (MoR training) into a compiled block
+                # (compile_blocks): their count changes with the recursion step and, for token-choice, every step. Marked
+                # dynamic, so that the block takes any count with no recompile (and ranks never recompile at different steps).
+                for t in (x, cos, sin, where, active):
+                    if t is not None:
+                        torch._dynamo.maybe_mark_dynamic(t, 1)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x, *s = checkpoint(block, x, cos, sin, None, where, active, use_reentrant=False)
+            else:
+                x, *s = block(x, cos, sin, None if cache is None else cache[j], where, active)
+            stats.append(s)
+        return x, stats
 
+    def expert_recursions(self, x, cos, sin, cache, topk):
+        """Expert-choice Mixture-of-Recursions over the shared layers. Step r's router scores the tokens still in;
+        gate g = mor_alpha * sigmoid(logit). Training: the top capacity_r x T of them by g go on (hierarchical:
+        only those of step r-1 are candidates), gathered and run alone at their own positions (compute falls with
+        capacity), and become H + g * f(H); the others keep H. A BCE loss teaches each router to say "top-k" by
+        itself (mor_aux). topk False (eval and generation): a token goes on while sigmoid(logit) > 0.5, causally
+        (top-k over a sequence would read its future); every token is computed, only those going on are keys.
+        Returns (x, the (aux, z, load) of each layer run, {mor_aux, mor_share})."""
+        B, T, d = x.shape
+        caps, W, alpha, m = self.cfg.capacities(), self.mor_router.weight, self.cfg.mor_alpha, self.n_shared
+        first = self.n_first
+        bce, share, per_layer = [], [], []
+        if topk:
+            cand = torch.arange(T, device=x.device).expand(B, T)
+            for r, cap in enumerate(caps):
+                xc = x.gather(1, cand[..., None].expand(-1, -1, d))
+                logit = F.linear(xc, W[r:r + 1]).squeeze(-1).float()
+                k = max(1, int(cap * T))
+                top = logit.topk(k, dim=1).indices.sort(dim=1).values  # sigmoid is monotonic: the top g; kept in order
+                bce.append(F.binary_cross_entropy_with_logits(logit, torch.zeros_like(logit).scatter(1, top, 1.0)))
+                where = cand.gather(1, top)  # positions in the sequence
+                h = xc.gather(1, top[..., None].expand(-1, -1, d))
+                out, s = self.run_layers(range(first + r * m, first + (r + 1) * m), h, cos[where], sin[where], cache, where)
+                per_layer += s
+                g = alpha * torch.sigmoid(logit.gather(1, top))
+                x = x.scatter(1, where[..., None].expand(-1, -1, d), h + g[..., None].to(h.dtype) * out)
+                cand = where
+                share.append(k / T)
+        else:
+            active = None  # all tokens, until a step with capacity below 1 lets its router decide
+            for r, cap in enumerate(caps):
+                logit = F.linear(x, W[r:r + 1]).squeeze(-1).float()
+                if cap < 1:
+                    active = (logit > 0) if active is None else active & (logit > 0)
+                out, s = self.run_layers(range(first + r * m, first + (r + 1) * m), x, cos, sin, cache, active=active)
+                per_layer += s
+                new = x + (alpha * torch.sigmoid(logit))[..., None].to(x.dtype) * out
+                x = new if active is None else torch.where(active[..., None], new, x)
+                share.append(1.0 if active is None else active.float().mean())
+                if active is not None:
+                    bce.append(F.binary_cross_entropy_with_logits(logit, active.float()))
+        # share of tokens through each recursion step, on the device: no host sync per step
+        share = torch.stack([torch.as_tensor(s, dtype=torch.float32, device=x.device) for s in share])
+        return x, per_layer, {"mor_aux": torch.stack(bce).mean() if bce else x.new_zeros(()), "mor_share": share}
 
-def output_layer_flops_share(cfg, seq_len):
-    return 6 * cfg.vocab_size * cfg.n_embd / flops_per_token(cfg, seq_len)
+    def token_recursions(self, x, cos, sin, cache):
+        """Token-choice Mixture-of-Recursions: the router reads each token as it enters the shared layers and picks
+        its depth, 1..n_recursion, by softmax (p: the chosen depth's probability). A token runs that many steps and
+        leaves as H + p * f^depth(H), f being the shared layers' whole output, as in the paper's code. The choice is
+        the token's own, so training, eval and generation route alike (causal). Training gathers the tokens still
+        going at each step, padded to the longest row with a zero state at position T (after every real position,
+        so no real token sees it; the MoE leaves it out of its counts); eval and generation compute every
+        token and keep only those going on as keys, the way the KV cache wants. Losses: the MoE balancing loss
+        over depths (mor_aux, 1 when even) and the z-loss (mor_z). Returns (x, the (aux, z, load) of each layer run,
+        {mor_aux, mor_z, mor_share})."""
+        B, T, d = x.shape
+        N, m, first = self.cfg.n_recursion, self.n_shared, self.n_first
+        logits = self.mor_router(x).float()
+        probs = logits.softmax(-1)
+        p, depth = probs.max(-1)  # depth 0..N-1: the token takes recursion steps 0..depth
+        h, share, per_layer = x, [], []
+        for r in range(N):
+            going = depth >= r
+            share.append(going.float().mean())
+            layers = range(first + r * m, first + (r + 1) * m)
+            if r == 0:  # every token takes the first step: the whole sequence, on the contiguous kernels
+                h, s = self.run_layers(layers, h, cos, sin, cache)
+            elif self.training:
+                i = torch.arange(T, device=x.device).expand(B, T)
+                n = max(1, int(going.sum(1).max()))  # the longest row; the others padded
+                where = torch.where(going, i, T + i).sort(1).values[:, :n].clamp(max=T)  # going first, in order; pads at T
+                hp = torch.cat([h, h.new_zeros(B, 1, d)], dim=1)
+                idx = where[..., None].expand(-1, -1, d)
+                out, at = hp.gather(1, idx), where.clamp(max=T - 1)  # a pad's RoPE angle does not matter: no real token sees it
+                # active: pads are not counted by the MoE (attention keeps them out by position)
+                out, s = self.run_layers(layers, out, cos[at], sin[at], cache, where, where < T)
+                h = hp.scatter(1, idx, out)[:, :T]
+            else:
+                out, s = self.run_layers(layers, h, cos, sin, cache, active=going)
+                h = torch.where(going[..., None], out, h)
+            per_layer += s
+        frac = F.one_hot(depth, N).float().mean(dim=(0, 1))  # share of tokens at each depth
+        return x + p[..., None].to(x.dtype) * h, per_layer, {"mor_aux": N * (frac * probs.mean(dim=(0, 1))).sum(),
+                                                             "mor_z": torch.logsumexp(logits, dim=-1).square().mean(),
+                                                             "mor_share": torch.stack(share)}
 
+    def merge_lora(self):
+        """Fold every adapter into its weights: a plain model (lora_rank 0) that sample.py and export_hf.py read."""
+        for m in self.modules():
+            if isinstance(m, (LoRALinear, Experts)):
+                m.merge()
+        self.cfg = replace(self.cfg, lora_rank=0)
+        return self
 
-def activation_elements(cfg, tokens):
-    """Elements the backward keeps per layer for `tokens` tokens, counted from this file's forward with
-    saved-tensor hooks (tests/test_model.py checks the count): SwiGLU experts keep 7 tensors of k x I per
-    token (gate_up out, clamp and sigmoid intermediates, down_proj in), the dispatch 2 of k x d; attention
-    keeps q and its output (padded to hp channels with sinks; without, the output is o_proj's input), k and v
-    at the kv heads (a sliding layer's blocks hold each key twice), the softmax statistics; then norms and
-    projection inputs. Sliding layers are assumed shorter than the sequence, as they are when training."""
-    hp = -(-(cfg.head_dim + 1) // 8) * 8 if cfg.sinks else cfg.head_dim
-    H, Hk = cfg.n_head, cfg.n_kv_head
-    plan = cfg.schedule()[0]
-    sliding = sum(cfg.layer_is_sliding(i) for i in plan) / len(plan) if cfg.sliding_window else 0.0
-    attn = (2 if cfg.sinks else 1) * H * hp + 2 * Hk * hp * (1 + sliding) + H
-    k, d = cfg.experts_per_token, cfg.n_embd
-    per_token = 7 * k * cfg.intermediate_size + 2 * k * d + attn + 6 * d + H * cfg.head_dim
-    return per_token * tokens
-
-
-def memory_estimate(cfg, batch_size, block_size=None, dtype="float32", world_size=1, device="cpu",
-                    activation_checkpointing=False, loss_chunk=0, grad_accum_steps=1, sync_every_micro_step=False,
-                    base_dtype="float32"):
-    """Peak training memory per device, in bytes, by part, from a config alone. AdamW with fp32 master
-    weights, gradients and two moments, all sharded over world_size (FSDP); under FSDP one layer is
-    gathered at a time (plus the next, prefetched). Activations as activation_elements counts them, times
-    1.3 for the gradients alive during the backward and allocator slack, or 2.35 where little state fills
-    that slack (see below; fitted to peak RSS on CPU, the README has the table); bf16 autocast keeps about 0.78x the bytes of fp32 (measured 0.73-0.82x).
-    Logits: the float copy, log-softmax and its gradient for the whole micro batch, or with loss_chunk one
-    chunk of them plus the gradients LinearCrossEntropy keeps.
-    With gradient accumulation (grad_accum_steps per device > 1) later micro steps run their forward with
-    the gradients already allocated, and each backward adds its gradient next to the running sum: two more
-    gradient-sized buffers (measured: +0.43 GB for mac_micro's 0.23 GB of gradients). Under FSDP, skipping
-    the gradient sync costs whole (unsharded) gradients on every rank until the last micro step, kept in the
-    reduce dtype (fp32, 4 bytes a parameter, measured on CPU with bf16 parameters); sync_every_micro_step
-    (train.py's sync_grads_every_micro_step) reduce-scatters each micro step and keeps only the shard.
-    A LoRA run (cfg.lora_rank) keeps gradients and moments for its adapters alone; base_dtype bfloat16 halves
-    the frozen layers' weights.
-    'process' is what the runtime holds before any tensor: Python + torch on CPU, the CUDA context.
-    On CUDA the parts are cuda_peak's instead, counted from what CUDA allocates (bf16 autocast copies of the weights,
-    activations saved in bf16, the caching allocator's reserve) and 'reserved' (the total without the CUDA context)
-    is the figure to set beside torch.cuda.max_memory_reserved (README, "The memory estimate on CUDA")."""
-    T = block_size or cfg.block_size
-    tokens = batch_size * T
-    n = param_counts(cfg)
-    P, shard = n["total"], n["total"] / world_size
-    trained = n["lora"] / world_size if cfg.lora_rank else shard  # a LoRA run: grads and AdamW for the adapters alone
-    act_bytes = 4.0 if dtype == "float32" else 3.1
-    per_layer = activation_elements(cfg, tokens) * act_bytes
-    applied = sum(layer_shares(cfg))  # layers' worth of tokens: recursion steps compute their capacity's share
-    if activation_checkpointing:  # keep each block's input; the block being recomputed holds its tensors and their grads
-        saved = applied * tokens * cfg.n_embd * 4 + 2 * per_layer
-    else:
-        saved = applied * per_layer
-    if loss_chunk:  # fused: one chunk of float logits (turned into probabilities in place), the head's gradient (not for
-        head_grad = 0 if cfg.lora_rank else 4 * cfg.vocab_size * cfg.n_embd  # a frozen head), x's
-        logits = min(loss_chunk, tokens) * cfg.vocab_size * (4 + (2 if dtype != "float32" else 0)) + head_grad + 4 * tokens * cfg.n_embd
-    else:  # whole: the float logits, the log-softmax kept for the backward, and its gradient
-        logits = tokens * cfg.vocab_size * (12 + (2 if dtype != "float32" else 0))
-    layer_params = (P - n["embedding"]) / cfg.n_blocks()
-    gathered = 0 if world_size == 1 else layer_params * (2 if device == "cuda" and dtype == "bfloat16" else 4) * 2 + layer_params * 4
-    grads = 4 * trained
-    if grad_accum_steps > 1 and world_size > 1:
-        if not sync_every_micro_step:  # FSDP skips the reduce-scatter until the last micro step: every rank holds
-            grads += trained * world_size * 4  # whole gradients, in the fp32 reduce dtype
-    elif grad_accum_steps > 1:
-        grads += 8 * trained
-    if device == "cuda":
-        return cuda_peak(cfg, tokens, dtype, world_size, activation_checkpointing, loss_chunk, grad_accum_steps > 1,
-                         sync_every_micro_step, base_dtype, gathered)
-    # The backward's gradients and the allocator's slack come on top of the saved tensors: 1.3x. The host heap
-    # also keeps about 0.7 GB of freed activations it cannot give back (it cannot shrink round live blocks), which
-    # gradients and AdamW moments allocated later move into: a full run hides it, a LoRA run (almost no such
-    # state) shows it. Fitted on CPU with bench/memory.py; CUDA's caching allocator reuses its blocks: not
-    # measured here, left out.
-    activations = 1.3 * saved
-    if device != "cuda":
-        activations += max(0.0, 0.7e9 - grads - 8 * trained)
-    weights = 4 * shard
-    if cfg.lora_rank and base_dtype == "bfloat16":  # train.py keeps the frozen layers' matrices in bf16
-        weights -= 2 * (P - n["embedding"] - n["lora"])
-    parts = {"weights": weights, "grads": grads, "optimizer": 8 * trained, "gathered": gathered,
-             "activations": activations, "logits": logits,
-             "process": {"cpu": 0.4e9, "cuda": 0.5e9, "mps": 0.4e9}.get(device, 0.4e9)}
-    parts["total"] = sum(parts.values())
-    return parts
-
-
-def activation_bytes(cfg, tokens, dtype):
-    """Bytes the backward keeps per layer on CUDA for `tokens` tokens, the bf16 copies of the layer's weights not
-    included. float32: 4 an element of activation_elements. bf16 / fp16 autocast: 2, but the norms' inputs (the fp32
-    residual stream; CUDA's fused rms_norm keeps nothing else) and the softmax statistics stay fp32, and autocast casts
-    x once per linear that reads it (q, k, v, router). Measured on an H200 with saved-tensor hooks, weight copies
-    included: 85.6 MB a mac_micro layer at 4 x 512 (84.8 by this count), 3.63 GB an 8b_moe layer at 4 x 4096 (3.62)."""
-    if dtype == "float32":
-        return 4 * activation_elements(cfg, tokens)
-    return 2 * activation_elements(cfg, tokens) + (4 * cfg.n_embd + 2 * cfg.n_head) * tokens
-
-
-# The two fitted constants of the CUDA estimate, from issue 20's five H200 rows (torch 2.11, bf16 autocast, eager): the
-# caching allocator's reservation over its peak allocation (sizes rounded up, freed blocks kept for reuse; 1.00-1.16x
-# on 22 runs), and workspaces and small buffers (cuBLAS keeps 32 MiB per thread on Hopper: the forward's and autograd's).
-CUDA_RESERVE, CUDA_WORKSPACE = 1.06, 0.1e9
-
-
-def cuda_peak(cfg, tokens, dtype, world_size, activation_checkpointing, loss_chunk, accumulating, sync_every_micro_step,
-              base_dtype, gathered):
-    """memory_estimate on CUDA, in bytes by part, at the peak: the larger of two moments. The end of the forward: every
-    layer's saved tensors (with activation checkpointing, each block's fp32 input and the bf16 weight copies autocast
-    caches until the forward ends) and the loss's buffers. The backward of one layer: its saved tensors, the gradient
-    of its experts' gate_up output (the largest one) and the incoming fp32 gradient, with all other blocks' gradients
-    allocated. Weights, gradients and AdamW moments are fp32 (fused AdamW makes no copies); with accumulation the
-    gradients stay allocated through the next forwards, without it they appear during the backward. 'reserved' is the
-    figure torch.cuda.max_memory_reserved reports (what an out-of-memory error is about); 'total' adds the CUDA context,
-    to set beside the device's memory. Measured runs: README; none yet of LoRA, FSDP, recursion or compile on CUDA."""
-    n = param_counts(cfg)
-    P, blocks, d, V = n["total"], cfg.n_blocks(), cfg.n_embd, cfg.vocab_size
-    trained = (n["lora"] if cfg.lora_rank else P) / world_size
-    applied = sum(layer_shares(cfg))
-    autocast = dtype != "float32"
-    per_layer, eb = activation_bytes(cfg, tokens, dtype), 2 if autocast else 4  # eb: bytes of a bf16 or fp32 element
-    # the bf16 copy of each fp32 weight a matmul keeps for the backward: none where the weights are bf16 already (FSDP
-    # gathers them so; a bf16 frozen base); a frozen fp32 base's experts are cast on use (FrozenMatmul), not kept
-    attn_params = 2 * d * cfg.head_dim * (cfg.n_head + cfg.n_kv_head) + d * cfg.n_expert  # q, k, v, o, router
-    fp32_weights = autocast and world_size == 1 and not (cfg.lora_rank and base_dtype == "bfloat16")
-    copies = 2 * (attn_params if cfg.lora_rank else (P - n["embedding"] - n["lora"]) / blocks) if fp32_weights else 0
-    cached = 2 * attn_params if fp32_weights and not cfg.lora_rank else 0  # autocast caches trained weights only
-    if loss_chunk:  # LinearCrossEntropy: the head's fp32 gradient, x's, one chunk's fp32 logits (probabilities in place),
-        c = min(loss_chunk, tokens)  # their bf16 copy for the matmuls, and g.t() @ x in bf16, then fp32 [V, d]
-        head = not cfg.lora_rank  # a frozen head needs no gradient
-        loss = 4 * tokens * d + V * (4 * d * head + max(6 * c + 6 * d * head, 10 * c))
-    else:  # the float logits, the log-softmax kept for the backward, and its gradient
-        loss = 12 * tokens * V
-    loss += 2 * V * d if autocast else 0  # the head's bf16 copy
-    if accumulating and world_size > 1 and not sync_every_micro_step:  # FSDP: whole fp32 gradients until the last micro step
-        grads = 4 * trained * world_size + 4 * trained
-    else:
-        grads = 4 * trained if accumulating else 0
-    kept, kept_copies = (4 * tokens * d, cached) if activation_checkpointing else (per_layer, copies)
-    end_of_forward = {"grads": grads, "autocast": applied * kept_copies, "activations": applied * kept, "logits": loss}
-    others = applied - 1 if accumulating else 0  # without accumulation: the last layer's backward, all but its gradients made
-    backward = {"grads": grads if accumulating else 4 * trained * (1 - 1 / blocks),
-                "autocast": copies * (1 if activation_checkpointing else 1 + others),
-                "activations": per_layer + 2 * cfg.experts_per_token * cfg.intermediate_size * tokens * eb + 4 * tokens * d
-                + (4 * tokens * d * (1 + others) if activation_checkpointing else others * per_layer), "logits": 0}
-    weights = 4 * P / world_size
-    if cfg.lora_rank and base_dtype == "bfloat16":
-        weights -= 2 * (P - n["embedding"] - n["lora"]) / world_size
-    parts = {"weights": weights, "optimizer": 8 * trained, "gathered": gathered,
-             **max(end_of_forward, backward, key=lambda p: sum(p.values())), "workspace": CUDA_WORKSPACE}
-    parts["allocator"] = (CUDA_RESERVE - 1) * sum(parts.values())
-    parts["reserved"] = sum(parts.values())
-    parts["process"] = 0.5e9  # the CUDA context, outside the allocator
-    parts["total"] = parts["reserved"] + parts["process"]
-    return parts
-
-
-def sizes(argv):
-    """python model.py config/8b_moe.py [--key=value]: train.py's settings -> counts and memory, on the meta device."""
-    import os
-
-    from configurator import ConfigError, check, parse, script_defaults
-
-    settings = script_defaults(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"))
-    settings.update(parse(argv, settings))  # train.py's settings: its config files and overrides
-    check(settings)
-    cfg = GPTConfig.from_dict(settings)
-    try:
-        cfg.check_recursion()
-    except ValueError as e:  # this file raises plain ValueErrors: it imports nothing of ours
-        raise ConfigError(str(e))
-    with torch.device("meta"):
-        built = sum(p.numel() for p in GPT(cfg).parameters())
-    n = param_counts(cfg)
-    assert built == n["total"], (built, n["total"])
-    print(f"parameters: {n['total']:,} total | {n['active']:,} active per token | {n['active'] - n['embedding']:,} active "
-          f"without the embedding and output matrices ({n['embedding']:,})")
-    B, T = settings.get("batch_size", 8), settings.get("block_size", cfg.block_size)
-    dtype = settings.get("dtype", "auto")  # train.py's default
-    for device, world in (("cpu", 1), ("cuda", 1), ("cuda", 8)):
-        dt = "bfloat16" if device == "cuda" and dtype in ("auto", "bfloat16") else "float32" if dtype == "auto" else dtype
-        m = memory_estimate(cfg, B, T, dt, world, device, settings.get("activation_checkpointing", False),
-                            settings.get("loss_chunk", 512), max(1, settings.get("grad_accum_steps", 1) // world),
-                            settings.get("sync_grads_every_micro_step", False))
-        print(f"memory per device, {device} x{world} {dt}, micro batch {B} x {T}: {m['total'] / 1e9:.1f} GB ("
-              + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in m.items() if k not in ("total", "reserved")) + ")")
-
-
-if __name__ == "__main__":
-    import sys
-
-    from configurator import run
-
-    run(sizes, sys.argv[1:])
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True, allowed=None):
+        """Sampling (temperature 0: greedy; top_k None or 0: from every token). allowed: a bool tensor [vocab_size], True
+        for the ids the tokenizer can decode (data_loader.decodable): no other id is ever picked, neither the padding
+        past the tokenizer nor the holes inside it. With the KV cache: one forward over the prompt (the prefill), then
+        one token at a time against the cached keys and values; sliding layers keep only their window. Up to
+        the RoPE reach (past block_size for YaRN models); beyond it the context is cut to its last half and
+        prefilled again. Without the cache every step reruns the context (the reference the tests hold it to)."""
+        reach = self.cfg.rope_reach()
+        if len(self.rope_cos) < min(idx.shape[1] + max_new_tokens, reach):  # tables for positions past block_size
+            cos, sin = rope_tables(self.cfg, min(idx.shape[1] + max_new_tokens, reach), self.rope_cos.device)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
+        limit = reach if use_cache else self.cfg.block_size
+        banned = None if allowed is None else ~allowed
+        cache, pos = None, 0
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = self(idx[:, -limit:])[0]
+            elif cache is None or pos >= limit:  # the prefill (again, past the reach: positions restart at 0)
+                ctx = idx[:, -(limit if cache is None else limit // 2):]
+                cache = [{} for _ in self.plan]  # one per applied layer: a shared block keeps each use's keys
+                logits, pos = self(ctx, cache=cache)[0], ctx.shape[1]
+            else:
+                logits = self(idx[:, -1:], cache=cache, pos=pos)[0]
+                pos += 1
+            logits = logits[:, -1, :].float()
+            if banned is not None:
+                logits = logits.masked_fill(banned, -float("inf"))
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx

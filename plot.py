@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from checkpoint import write_atomic
 from configurator import BadInput
 
 
@@ -100,8 +101,8 @@ def main(argv):
     except ImportError:
         raise PlotError("plot.py needs matplotlib: pip install matplotlib")
     out = out or (os.path.join(dirs[0], "loss.png") if len(dirs) == 1 else "runs.png")
-    fig.savefig(out + ".tmp.png", dpi=100)
-    os.replace(out + ".tmp.png", out)  # train.py redraws it while people look at it: never a half-written file
+    # train.py redraws it while people look at it: never a half-written file
+    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=100))
     print(f"wrote {out}")
 
 

@@ -329,29 +329,23 @@ def make_tasks(sources, skip):
 
 # ----------------------------------------------------------------------------- shards and the resume state
 
-def write_atomic(path, write):
-    """path written whole or not at all. A full disk is one line, and the part written is removed: the shards
-    before it stay, and the same command continues from them once there is space."""
-    try:
-        with open(path + ".tmp", "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        from checkpoint import no_space
+def write_whole(path, data):
+    """path written whole or not at all (checkpoint.write_atomic). A full disk is one line, and the part written is
+    removed: the shards before it stay, and the same command continues from them once there is space."""
+    from checkpoint import no_space, write_atomic
 
+    try:
+        write_atomic(path, data)
+    except OSError as e:
         full = no_space(e, path)
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
         if full is None:
             raise
         fail(f"{full}: free space there (or lower --max_tokens, or use another --out_dir), then run the same command "
              f"again: it continues from the shards written")
-    os.replace(path + ".tmp", path)
 
 
 def save_state(state):
-    write_atomic(os.path.join(out_dir, "prepare_state.json"), lambda f: f.write(json.dumps(state, indent=1).encode()))
+    write_whole(os.path.join(out_dir, "prepare_state.json"), json.dumps(state, indent=1))
 
 
 def load_state(args, inputs):
@@ -440,9 +434,9 @@ def main():
         split = "val" if state["shards"] == 0 else "train"
         path = os.path.join(out_dir, f"{prefix}_{split}_{state['shards']:06d}.npy")
         if chat:  # the mask first: a shard is complete only once its tokens are written
-            write_atomic(path.replace(f"_{split}_", f"_{split}mask_"), lambda f: np.save(f, (arr >> 31).astype(np.uint8)))
+            write_whole(path.replace(f"_{split}_", f"_{split}mask_"), lambda f: np.save(f, (arr >> 31).astype(np.uint8)))
         arr = arr & (TRAINED - 1)  # the flag never reaches the ids
-        write_atomic(path, lambda f: np.save(f, arr.astype(dtype, copy=False)))
+        write_whole(path, lambda f: np.save(f, arr.astype(dtype, copy=False)))
         state["tokens"][split] += len(arr)
         state["shards"] += 1
         state["next_doc"], state["skip_tokens"] = next_doc, skip_tokens
@@ -498,7 +492,7 @@ def main():
         fail(f"only {total} tokens, all of them validation: lower --val_tokens (now {val_tokens})")
     meta = {"tokenizer": encoding, "vocab_size": enc.n_vocab, "dtype": np.dtype(dtype).name, "eot": enc.eot_token,
             "dataset": dataset, "tokens": state["tokens"], "documents": state["documents"], "loss_mask": chat}
-    write_atomic(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    write_whole(meta_path, json.dumps(meta, indent=1))
     print(f"wrote {state['shards']} shards to {out_dir}: {meta['tokens']['val']:,} val + {meta['tokens']['train']:,} "
           f"train tokens from {sum(meta['documents'].values()):,} documents")
 

@@ -3,7 +3,7 @@ train.py under a supervisor that keeps the machine alive and still finishes the 
     python safe_train.py config/mac_micro.py                      # same arguments as train.py
     python safe_train.py config/mac_micro.py --budget_gb=10       # plus the supervisor's own settings below
     python safe_train.py config/mac_micro.py --check-only         # preflight alone: exit 0 if the setup is good
-Preflight first: device, free RAM and swap, disk, data, the memory estimate (model.memory_estimate) against
+Preflight first: device, free RAM and swap, disk, data, the memory estimate (sizing.memory_estimate) against
 the budget (on CUDA, against the GPU's memory), then one forward/backward at micro batch 1. A micro batch
 that does not fit starts smaller, with the same tokens per step (--strict refuses instead); only a model that
 does not fit at micro batch 1 is refused, before it is ever built. Then train.py runs as a child process and is sampled every
@@ -30,7 +30,7 @@ import time
 
 import psutil
 
-from configurator import BadInput, ConfigError, check, check_device, configure, parse, run, script_defaults
+from configurator import BadInput, ConfigError, check_device, configure, run, script_defaults
 
 budget_gb = 0.0  # memory this run may use; 0 = 90% of what is available at the start
 warn_pct = 75.0
@@ -48,6 +48,7 @@ preflight = True
 preflight_fit = True  # start at a micro batch whose estimate is under the stop line (False: let the watch decide)
 strict = False  # refuse a micro batch over the stop line instead of starting at one that fits
 train_script = "train.py"  # the child; tests put a helper here
+check_only = False  # preflight alone (also --check-only): exit 0 if the setup is good
 SETTINGS = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 HERE = os.path.dirname(os.path.abspath(__file__))
 GB = 1e9
@@ -58,30 +59,6 @@ class Refused(BadInput):
     """A setup that cannot run; the message is one line that names it and the fix."""
 
 
-# ----------------------------------------------------------------------------- arguments
-
-def split_args(argv):
-    """(the supervisor's --key=value settings, everything else for train.py, check_only)."""
-    mine, theirs, check_only, i = {}, [], False, 0
-    while i < len(argv):
-        arg = argv[i]
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if arg.startswith("--") and key == "check_only":
-            check_only = True
-        elif arg.startswith("--") and key in SETTINGS:
-            if not eq and isinstance(SETTINGS[key], bool):  # a bare flag: --strict
-                value = "True"
-            elif not eq:
-                i += 1
-                value = argv[i] if i < len(argv) else ""
-            mine[key] = value
-        else:
-            theirs.append(arg)
-        i += 1
-    return mine, theirs, check_only
-
-
 # ----------------------------------------------------------------------------- preflight (torch runs in a child)
 
 def probe(config):
@@ -89,7 +66,9 @@ def probe(config):
     import torch
 
     from data_loader import DataError, DataLoader
-    from model import GPT, GPTConfig, memory_estimate, param_counts, pick_device, pick_dtype
+    from devices import pick_device, pick_dtype
+    from model import GPT, GPTConfig
+    from sizing import memory_estimate, param_counts
 
     report = {}
     try:
@@ -108,7 +87,7 @@ def probe(config):
     report["line"] = line  # and what it is: the stop line is a share of the budget (or of the GPU), not the budget itself
     report["line_of"] = f"{config['_stop_pct']:g}% of " + ("GPU memory" if dev_type == "cuda" else f"the {config['_budget'] / GB:.1f} GB budget")
     if config.get("init_from"):  # a fine-tune is the shape of its base
-        from export_hf import BridgeError, adopt_base
+        from weights import BridgeError, adopt_base
 
         try:
             adopt_base(config)
@@ -286,14 +265,14 @@ def main(argv):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "LOCAL_RANK" in os.environ:
         raise Refused("safe_train.py watches one training process on one machine and does not supervise torchrun: "
                       "run `torchrun ... train.py` directly (README, 'Multi-GPU')")
-    mine, train_args, check_only = split_args(argv)
-    # every setting, the supervisor's and train.py's, in its range before anything is written (no log yet)
-    globals().update(configure(dict(SETTINGS), [f"--{k}={v}" for k, v in mine.items()]))
-    defaults = script_defaults(os.path.join(HERE, train_script)) if train_script == "train.py" else {}
-    config = {**defaults, **parse(train_args, defaults)} if defaults else {"out_dir": "out"}
-    check(config)
-    if train_script != "train.py":  # a test helper: it takes --out_dir only
-        config["out_dir"] = next((a.split("=", 1)[1] for a in train_args if a.startswith("--out_dir=")), "out")
+    # every setting, the supervisor's and train.py's, in its range before anything is written (no log yet); the
+    # arguments that are not the supervisor's are train.py's
+    train_args = []
+    globals().update(configure(dict(SETTINGS), argv, rest=train_args))
+    if train_script == "train.py":
+        config = configure(script_defaults(os.path.join(HERE, train_script)), train_args)
+    else:  # a test helper: it takes --out_dir only
+        config = {"out_dir": next((a.split("=", 1)[1] for a in train_args if a.startswith("--out_dir=")), "out")}
     out_dir = config["out_dir"]
     pid = checkpoint.holder(out_dir)
     if pid:

@@ -3,8 +3,8 @@ Text from a checkpoint, in one process, whatever number of processes wrote it, o
     python sample.py --out_dir=out --start="The meaning of life" --num_samples=3 --max_new_tokens=100
     python sample.py --init_from=path/to/gpt-oss-20b --start="Hello"       # HF weights (bf16 or MXFP4 experts)
 --start can also be FILE:prompt.txt. The samples run as one batch, with a KV cache (one forward over the prompt,
-then one token at a time); bf16 on CUDA and MPS, fp32 on CPU unless --dtype says otherwise. The tokenizer is
-the one named in the checkpoint's config.json (o200k_harmony for an HF directory), or --tokenizer.
+then one token at a time), in the precision train.py would pick (devices.pick_dtype) unless --dtype says otherwise.
+The tokenizer is the one named in the checkpoint's config.json (o200k_harmony for an HF directory), or --tokenizer.
 """
 import os
 import sys
@@ -23,26 +23,11 @@ temperature = 0.8  # 0 = greedy
 top_k = 200  # sample from the k likeliest tokens (0 = from every token)
 seed = 1337
 device = "auto"
-dtype = "auto"  # auto: bfloat16 on CUDA and MPS, float32 on CPU
+dtype = "auto"  # auto: as train.py picks: bfloat16 on CUDA (float16 without bf16) and on MPS from macOS 14, else float32
 compile = False  # torch.compile the model's blocks (CUDA: faster decoding after a compile of a minute or so); on a
 # compiler error the samples are made eager, the same tokens
 use_cache = True  # False: rerun the whole context for every token (slow; the reference the tests compare with)
 chat = False  # wrap --start as a user turn in the chat template the fine-tune was trained with, print the answer only
-
-
-def load_model(path, dev="cpu", dt=torch.float32):
-    """(model, settings) from a nanoOSS checkpoint or an HF GptOss directory: built on the meta device, so no
-    random weights are ever made, then filled from disk tensor by tensor and cast to dt."""
-    from export_hf import base_settings, load_weights
-    from model import GPT, GPTConfig
-
-    settings, kind, path = base_settings(path)
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_dict(settings))
-    model.to_empty(device=dev)
-    model.init_weights()  # only the RoPE tables: every parameter is overwritten next
-    load_weights(model, kind, path)  # a fine-tune: its base, then its adapters
-    return model.merge_lora().to(dt).eval(), {**settings, "kind": kind}
 
 
 def prompt_ids(text, enc, chat=False):
@@ -60,7 +45,8 @@ def main():
     import checkpoint
     from configurator import ConfigError, check_device, configure
     from data_loader import decodable, get_tokenizer
-    from model import compile_blocks, compiler_error, pick_device, pick_dtype, set_tf32, uncompile_blocks
+    from devices import compile_blocks, compiler_error, pick_device, pick_dtype, set_tf32, uncompile_blocks
+    from weights import load_model
 
     configure(globals())
     check_device(device)
@@ -77,7 +63,7 @@ def main():
     dev = pick_device(device)
     dev_type = dev.split(":")[0]
     tf32 = set_tf32(dev_type)
-    dt = {"auto": torch.float32 if dev_type == "cpu" else torch.bfloat16}.get(dtype) or getattr(torch, pick_dtype(dtype, dev_type))
+    dt = getattr(torch, pick_dtype(dtype, dev_type))
     model, settings = load_model(path, dev, dt)
     enc = get_tokenizer(tokenizer or settings.get("tokenizer") or "o200k_harmony")
     if enc.n_vocab > model.cfg.vocab_size:

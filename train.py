@@ -122,7 +122,7 @@ seed = 1337
 def setup_distributed(want_device):
     """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs and gloo on CPU, and return
     (rank, world_size, device). One process: (0, 1, the device picked as usual)."""
-    from model import pick_device
+    from devices import pick_device
 
     world, dev = int(os.environ.get("WORLD_SIZE", "1")), pick_device(want_device)
     if world == 1:
@@ -168,17 +168,6 @@ def get_lr(it):
         return min_lr
     ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
-def peak_flops(dev, dt):
-    """Dense bf16/fp16 tensor-core peak of known GPUs, for MFU; None where unknown (CPU, MPS, fp32)."""
-    if not dev.startswith("cuda") or dt == "float32":
-        return None
-    name = torch.cuda.get_device_name(dev)
-    for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12), ("4090", 165e12), ("A10", 125e12)):
-        if key in name:
-            return flops
-    return None
 
 
 def peak_rss_gb():
@@ -246,6 +235,8 @@ def saved_part(model_sd):
 def trim_log(path, iter_num):
     """log.jsonl keeps the history of the run that continues from iter_num: records of steps after it (made
     before a kill, about to be made again) and a half-written last line are dropped."""
+    from checkpoint import write_atomic
+
     if not os.path.exists(path):
         return
     keep = []
@@ -256,9 +247,7 @@ def trim_log(path, iter_num):
                     keep.append(line.rstrip("\n") + "\n")
             except ValueError:
                 pass
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, "".join(keep))
 
 
 def duration(seconds):
@@ -348,8 +337,9 @@ def main():
     import checkpoint
     from configurator import ConfigError, check_device, configure
     from data_loader import DataError, DataLoader, build_data, decodable, get_tokenizer, needs_building
-    from model import (GPT, GPTConfig, compile_blocks, compiler_error, flops_per_token, param_counts, pick_dtype, set_tf32,
-                       uncompile_blocks)
+    from devices import compile_blocks, compiler_error, peak_flops, pick_dtype, set_tf32, uncompile_blocks
+    from model import GPT, GPTConfig
+    from sizing import flops_per_token, param_counts
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     # ---- set-up: settings, processes, device and precision, data; nothing in out_dir is touched until all are good.
@@ -360,12 +350,12 @@ def main():
     model_keys = [f.name for f in fields(GPTConfig) if f.name in config]
     base = None
     if init_from:  # the model is the one those weights belong to: its settings, not the config's
-        from export_hf import adopt_base
+        from weights import adopt_base
 
         changed, kind, path = base = adopt_base(config)
         globals().update(changed)
         if lora_rank:  # the adapters' checkpoints name their base, and refuse a base that changed under them
-            from export_hf import fingerprint
+            from weights import fingerprint
 
             config["base"] = {"path": os.path.abspath(path), "kind": kind, "fingerprint": fingerprint(kind, path)}
     rank, world, dev = setup_distributed(device)
@@ -478,9 +468,9 @@ def main():
     model.to_empty(device=dev)
     torch.manual_seed(seed)
     model.init_weights()  # the same values on any number of ranks
-    model.activation_checkpointing, model.loss_chunk = activation_checkpointing, loss_chunk
+    model.activation_checkpointing = activation_checkpointing
     if base and (not ckpt or lora_rank):  # a fine-tune's checkpoints hold its adapters: the base always comes from init_from
-        from export_hf import load_weights
+        from weights import load_weights
 
         load_weights(model, kind, path)
         print(f"{'base' if lora_rank else 'initialised'} from {path} ({'HF GptOss' if kind == 'hf' else 'nanoOSS'} weights"
@@ -592,26 +582,24 @@ def main():
         model.eval()
         # the loss loss_chunk tokens at a time (a row if 0): with no graph to keep, eval then needs less memory
         # than a training step of the same micro batch, never more (an eval OOM hours into a run is the worst kind)
-        raw_model.loss_chunk = loss_chunk or block_size
+        chunk = loss_chunk or block_size
         out = {}
         runs = [("train", train_eval), ("val", val_data)]
         if mor_router == "expert":  # and with training's top-k over each sequence: the gap is what top-k reads of the future
             runs.append(("val_topk", val_data))
         for split, loader in runs:
-            raw_model.mor_topk = True if split == "val_topk" else None
             loader.reset()
             losses = torch.zeros(max(1, eval_iters // world), device=dev)
             hits = torch.zeros(2, device=dev)  # tokens the top guess got right, tokens scored (masked ones are not)
             for i in range(len(losses)):
                 x, y = loader.next_batch()
                 with ctx:
-                    loss, stats = model(x.to(dev), y.to(dev))[1:]
+                    loss, stats = model(x.to(dev), y.to(dev), loss_chunk=chunk, mor_topk=True if split == "val_topk" else None)[1:]
                 losses[i] = loss
                 hits += torch.stack([stats["correct"], stats["scored"]]).float()
             out[split] = all_mean(losses.mean()).item()
             correct, scored = all_sum(hits).tolist()
             out[split + "_acc"] = correct / max(scored, 1)
-        raw_model.loss_chunk, raw_model.mor_topk = loss_chunk, None
         model.train()
         return out
 
@@ -679,10 +667,10 @@ def main():
             used, total = memory_gb(dev, now=True)
             reserved = torch.cuda.max_memory_reserved(dev) / 1e9 if dev_type == "cuda" else None  # the peak, for bench/memory.py
             try:
-                checkpoint.write_json_atomic(heartbeat_path, {"time": now, "pid": os.getpid(), "iter": iter_num, "phase": phase,
-                                                              "device_mem_gb": used, "device_total_gb": total, "peak_rss_gb": peak_rss_gb(),
-                                                              "max_memory_reserved_gb": reserved, "eta_s": eta_s(),
-                                                              "compile_off": compile_off})
+                checkpoint.write_atomic(heartbeat_path, json.dumps({"time": now, "pid": os.getpid(), "iter": iter_num, "phase": phase,
+                                                                    "device_mem_gb": used, "device_total_gb": total, "peak_rss_gb": peak_rss_gb(),
+                                                                    "max_memory_reserved_gb": reserved, "eta_s": eta_s(),
+                                                                    "compile_off": compile_off}), sync=False)
             except OSError as e:
                 out_of_space(e, heartbeat_path)
             last_beat = now
@@ -750,7 +738,7 @@ def main():
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             try:
                 with ctx:
-                    loss, stats = model(x, y)[1:]  # not `_, loss, stats`: that would keep the logits alive through backward
+                    loss, stats = model(x, y, loss_chunk=loss_chunk)[1:]  # not `_, loss, stats`: that would keep the logits alive through backward
                     total = loss + router_aux_loss_coef * stats["aux"] + router_z_loss_coef * stats["z"]
                     if "mor_aux" in stats:
                         mor_z = stats.get("mor_z", torch.zeros((), device=dev))

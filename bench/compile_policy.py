@@ -6,7 +6,7 @@ the compile; the second shows the compiled speed. CPU seconds (this process and 
 rather than wall time: they hold still on a busy machine. One configuration per process:
     python bench/compile_policy.py tiny blocks          # tiny | mac_micro; eager | blocks | whole; dynamic None | False
     python bench/compile_policy.py mac_micro whole False
-blocks is what train.py, sample.py and bench.py do (model.compile_blocks); whole compiles GPT.forward.
+blocks is what train.py, sample.py and bench.py do (devices.compile_blocks); whole compiles GPT.forward.
 """
 import os
 import resource
@@ -15,7 +15,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # model.py is one folder up
-from model import GPT, GPTConfig, compile_blocks  # noqa: E402
+from devices import compile_blocks  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 SHAPES = {  # tests/conftest.py's TINY, and config/mac_micro.py's model at its micro batch
     "tiny": (dict(n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, n_expert=4, experts_per_token=2, intermediate_size=64,
@@ -35,7 +36,6 @@ def main(shape="tiny", what="blocks", dynamic="None"):
     cfg = GPTConfig(**settings)
     torch.manual_seed(0)
     model = GPT(cfg)
-    model.loss_chunk = 512  # train.py's default
     if what == "blocks" and dynamic == "None":
         compile_blocks(model)
     elif what == "blocks":
@@ -55,11 +55,11 @@ def main(shape="tiny", what="blocks", dynamic="None"):
         costs.append(f"{name} {cpu_seconds() - start:.1f}")
 
     for i in range(3):
-        timed(f"step{i + 1}", lambda: model(xs[i], xs[i])[1].backward())
+        timed(f"step{i + 1}", lambda: model(xs[i], xs[i], loss_chunk=512)[1].backward())  # train.py's loss_chunk
     model.eval()
     with torch.no_grad():
         for i in range(2):
-            timed(f"eval{i + 1}", lambda: model(xs[3][:B // 2], xs[3][:B // 2]))
+            timed(f"eval{i + 1}", lambda: model(xs[3][:B // 2], xs[3][:B // 2], loss_chunk=512))
         for i in range(2):
             timed(f"sample{i + 1}", lambda: model.generate(xs[i][:1, :8], 16, temperature=0))
     from torch._dynamo.utils import counters

@@ -1,5 +1,5 @@
 """
-model.memory_estimate against the real thing: each config trains for a few steps (an eval included) in a
+sizing.memory_estimate against the real thing: each config trains for a few steps (an eval included) in a
 fresh train.py process, and its peak resident memory (the kernel's high-water mark, from wait4) is set beside
 the estimate. With --device=cuda the peak is the caching allocator's reservation, torch.cuda.max_memory_reserved
 (train.py's heartbeat writes it as max_memory_reserved_gb), beside the estimate's 'reserved' (its total without
@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # model.py and configurator.py live one folder up
+sys.path.insert(0, ROOT)  # the project's files live one folder up
 
 data_dir = "data/mac_micro"
 device = "cpu"
@@ -75,7 +75,8 @@ def measure(settings, out):
 
 def main():
     from configurator import configure
-    from model import GPTConfig, memory_estimate
+    from model import GPTConfig
+    from sizing import memory_estimate
 
     configure(globals())
     cuda = device.startswith("cuda")

@@ -3,7 +3,7 @@ Mixture-of-Recursions at equal training FLOPs, on this CPU: a vanilla model of L
 shared blocks (middle-cycle, N_r = 2, no routing), expert-choice MoR with N_r = 2 and 3, and token-choice MoR
 with N_r = 3 (its depths' even split costs what expert-choice's capacities do), and a control: expert-choice's
 gates with capacities (1, 1), every token through every step. Every run gets the
-FLOPs of `iters` steps of the vanilla model (model.flops_per_token counts the capacities), so MoR runs take more
+FLOPs of `iters` steps of the vanilla model (sizing.flops_per_token counts the capacities), so MoR runs take more
 steps of fewer FLOPs. Reported: val loss with the causal threshold (what generation does) and with training's
 top-k (the gap is top-k reading the future), unique parameters, tokens/s, peak resident memory.
     python bench/mor_study.py                 # ~20 minutes on 2 cores; writes bench/mor_study.md and .png
@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # model.py and configurator.py live one folder up
+sys.path.insert(0, ROOT)  # the project's files live one folder up
 
 data_dir = "data/stdlib_4k"
 iters = 200  # the vanilla model's steps; the others get its FLOPs
@@ -52,7 +52,8 @@ def train(settings, steps, out_dir):
 
 def main():
     from configurator import configure
-    from model import GPTConfig, flops_per_token, param_counts
+    from model import GPTConfig
+    from sizing import flops_per_token, param_counts
 
     configure(globals())
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
@@ -92,7 +93,7 @@ def main():
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, pts in curves.items():
         ax.plot([p[0] / 1e12 for p in pts], [p[1] for p in pts], label=name)
-    ax.set_xlabel("training FLOPs (TFLOP, model.flops_per_token)")
+    ax.set_xlabel("training FLOPs (TFLOP, sizing.flops_per_token)")
     ax.set_ylabel("train loss")
     ax.set_title(f"Mixture-of-Recursions at equal FLOPs ({SHAPE['n_layer']} layers, width {SHAPE['n_embd']})")
     ax.legend()

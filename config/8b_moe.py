@@ -1,7 +1,7 @@
 # The production model of the GPT-OSS-6B guide: ~8B total, ~2.2B active parameters per token (not counting
 # the embedding and output matrices), trained on 8 GPUs with FSDP2:
 #   torchrun --nproc_per_node=8 train.py config/8b_moe.py
-# Exact counts, from model.param_counts on the meta device (README, "Multi-GPU"):
+# Exact counts, from sizing.param_counts on the meta device (README, "Multi-GPU"):
 #   7,873,597,696 total; 3,039,793,408 active per token, of which 823,656,448 are the embedding and
 #   output matrices (o200k, untied), so 2,216,136,960 in the layers.
 # 32 layers, width 2048, GQA with 64 query heads and 8 KV heads of 64, 8 experts of width 4096, top-2.
@@ -36,7 +36,7 @@ grad_accum_steps = 256
 # per-micro-step reduce-scatter of ~28 GB per GPU overlaps the backward, about 0.1 s of a micro step of ~0.7 s.
 sync_grads_every_micro_step = True
 # without these a micro batch of 16k tokens needs over 200 GB of activations and 46 GB of logits per GPU;
-# with them (and the per-micro-step sync below), ~30 GB per GPU in all on 8 GPUs (python model.py config/8b_moe.py)
+# with them (and the per-micro-step sync below), ~30 GB per GPU in all on 8 GPUs (python sizing.py config/8b_moe.py)
 activation_checkpointing = True
 loss_chunk = 1024  # 1024 x 201k logits at a time, fused with their gradient: 3.0 GB with the head's fp32 gradient
 dtype = "bfloat16"

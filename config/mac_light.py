@@ -5,7 +5,7 @@
 # Sizing: AdamW keeps fp32 weights, gradients and two moments, 16 bytes a parameter whatever the autocast
 # dtype: 186M parameters are 3.0 GB before any activation. The notes' "150M active" would be ~410M in total
 # at this sparsity, 6.5 GB of optimizer state alone: past the band. So the band sets the total; active follows.
-# model.memory_estimate at micro batch 4 x 512, 8 accumulation steps: 6.84 GB on MPS (bf16), 7.32 GB on CPU (fp32).
+# sizing.memory_estimate at micro batch 4 x 512, 8 accumulation steps: 6.84 GB on MPS (bf16), 7.32 GB on CPU (fp32).
 out_dir = "out/mac_light"
 data_dir = "data/mac_micro"
 # built by train.py on first use when missing (one line says so): the docstrings of Python's standard library,

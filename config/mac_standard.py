@@ -4,7 +4,7 @@
 # 248.5M parameters, 86.1M active per token: 11 layers, width 640, 8 experts of 1280 with top-2, GQA 10:2.
 # Sizing: AdamW's 16 bytes a parameter make 248M parameters 4.0 GB of weights, gradients and moments; the
 # notes' projected "250M active" would be ~720M in total, 11.5 GB of state alone: no 16 GB Mac trains that.
-# model.memory_estimate at micro batch 4 x 512, 8 accumulation steps: 8.99 GB on MPS (bf16), 9.67 GB on CPU (fp32)
+# sizing.memory_estimate at micro batch 4 x 512, 8 accumulation steps: 8.99 GB on MPS (bf16), 9.67 GB on CPU (fp32)
 # (measured on CPU: 9.05 GB, bench/memory.py).
 out_dir = "out/mac_standard"
 data_dir = "data/mac_micro"

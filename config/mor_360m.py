@@ -1,7 +1,7 @@
 # The recursive 360M of shared notes 002 (SmolLM-360M shape, "rec2, middle-cycle": the Mixture-of-Recursions
 # paper's recursive baseline), in this architecture, with expert-choice routing on top:
 #   torchrun --nproc_per_node=4 train.py config/mor_360m.py
-#   python model.py config/mor_360m.py          # the counts (README, "Mixture-of-Recursions")
+#   python sizing.py config/mor_360m.py         # the counts (README, "Mixture-of-Recursions")
 # Shape: 32 applied layers of width 960, 15 query and 5 kv heads of 64; the first and last layers are their own,
 # the 30 between them are 15 shared blocks run twice (middle_cycle): 17 unique blocks.
 # One expert, always chosen (n_expert = 1): a dense SwiGLU of 2,560 like SmolLM's, so the comparison with the

@@ -138,6 +138,22 @@ def test_resume_false_into_a_run_is_refused_and_overwrite_prunes_by_save_order(r
     assert [x["iter"] for x in read_log(run_dir)] == [1, 2, 3, 4]  # the old run's log went with it
 
 
+def test_a_file_replaced_by_write_atomic_is_the_old_one_or_the_new_one_never_a_part(tmp_path):
+    """checkpoint.write_atomic (latest, config.json, the heartbeat, log.jsonl's trim, shards, meta.json, loss.png, the
+    tokenizer cache): a write that fails midway leaves the old file whole and no temporary file behind."""
+    path = str(tmp_path / "latest")
+    checkpoint.write_atomic(path, "ckpt_2")
+    checkpoint.write_atomic(path, b"ckpt_4", sync=False)
+
+    def dies_midway(f):
+        f.write(b"ckpt_")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        checkpoint.write_atomic(path, dies_midway)
+    assert open(path).read() == "ckpt_4" and os.listdir(tmp_path) == ["latest"]
+
+
 def test_prune_keeps_latest_and_everything_saved_after_it(tmp_path, saved):
     out = str(tmp_path / "run")
     shutil.copytree(saved, out)

@@ -147,7 +147,7 @@ def test_compiled_greedy_generation_gives_the_eager_tokens(eager, tmp_path):
     backend, and through sample.py --compile=True as a user runs it."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import compile_backends
-    from model import compile_blocks
+    from devices import compile_blocks
     from sample import load_model
 
     model, _ = load_model(eager[0])

@@ -40,6 +40,20 @@ def test_bad_input_is_one_clear_message(argv, msg):
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_bare_flag_is_true_and_another_scripts_arguments_pass_on_in_order(tmp_path):
+    """One parser for every script (issue 22): safe_train.py takes its own settings out of a command line and passes
+    the rest, config files included, on to train.py, which parses them the same way."""
+    f = tmp_path / "cfg.py"
+    f.write_text("batch_size = 4\n")
+    mine = {"strict": False, "check_only": False, "budget_gb": 0.0}
+    rest = []
+    argv = [str(f), "--strict", "--batch_size", "2", "--check-only", "--budget_gb", "3", "--device=cpu", "--preflight", "False"]
+    out = parse(argv, {**mine, "preflight": True}, rest)
+    assert out == {"strict": True, "check_only": True, "budget_gb": 3.0, "preflight": False}
+    assert rest == [str(f), "--batch_size", "2", "--device=cpu"]
+    assert parse(rest, DEFAULTS) == {"batch_size": 2, "device": "cpu"}
+
+
 def test_unknown_key_in_a_file_names_the_file_and_the_closest_key(tmp_path):
     f = tmp_path / "cfg.py"
     f.write_text("max_iter = 10\n")
@@ -174,14 +188,15 @@ def test_a_bad_setting_stops_each_script_in_one_line_naming_it_and_nothing_is_cr
 
 def test_every_script_turns_a_bad_input_into_one_line_and_exit_2(tmp_path):
     """One error path (issue 21 item 13): at 6087689 these exited 1 (sample.py, export_hf.py, prepare_fineweb.py,
-    safe_train.py, plot.py) or with an AssertionError (model.py; under python -O it went on with the bad shape)."""
+    safe_train.py, plot.py) or with an AssertionError (model.py's command line, now sizing.py's; under python -O it went on
+    with the bad shape)."""
     none = tmp_path / "none"
     cases = [
         (["sample.py", f"--out_dir={none}"], f"sample.py: no checkpoint in {none}"),
         (["export_hf.py", f"--ckpt={none}", f"--out={tmp_path / 'hf'}"], f"export_hf.py: init_from {none}: not an HF GptOss"),
         (["prepare_fineweb.py", f"--input={none}.txt", f"--out_dir={tmp_path / 'data'}"], "prepare_fineweb.py: "),
         (["plot.py", str(none)], "plot.py: "),
-        (["-O", "model.py", "--n_head=3", "--n_kv_head=2"], "model.py: n_head 3 is not a multiple of n_kv_head 2"),
+        (["-O", "sizing.py", "--n_head=3", "--n_kv_head=2"], "sizing.py: n_head 3 is not a multiple of n_kv_head 2"),
     ]
     for argv, start in cases:
         r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)

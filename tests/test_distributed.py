@@ -51,7 +51,7 @@ def losses(out):
 
 def weights(ckpt):
     sys.path.insert(0, ROOT)
-    from sample import load_model
+    from weights import load_model
 
     model, _ = load_model(ckpt, "cpu")
     return model.state_dict()
@@ -133,7 +133,7 @@ def test_accumulation_without_sync_gives_the_gradients_of_accumulation_with_sync
 
 
 def test_readme_8b_numbers_come_from_the_code():
-    r = subprocess.run([sys.executable, "model.py", "config/8b_moe.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "sizing.py", "config/8b_moe.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     readme = open(os.path.join(ROOT, "README.md")).read()
     lines = r.stdout.splitlines()
@@ -229,8 +229,7 @@ def test_checkpoint_from_two_processes_exports_to_transformers_with_the_same_log
     model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, attn_implementation="eager",
                                                                     output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    ours, _ = __import__("sample").load_model(ckpt)
-    ours.loss_chunk = 0
+    ours, _ = __import__("weights").load_model(ckpt)
     idx = torch.randint(0, 4097, (2, 64))
     with torch.no_grad():
         torch.testing.assert_close(model(idx).logits, ours(idx, idx)[0], atol=1e-5, rtol=1e-5)

@@ -118,7 +118,6 @@ def test_gguf_holds_the_checkpoints_tensors_and_every_setting_llama_cpp_reads(tm
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert (ours.cfg.attn_pattern, ours.cfg.sliding_window, ours.cfg.norm_eps) == ("SSF", 16, pytest.approx(1e-5))
     idx = torch.randint(0, vocab_size, (1, 80))  # longer than the window
-    model.loss_chunk = ours.loss_chunk = 0
     with torch.no_grad():
         assert torch.equal(model(idx, idx)[0], ours(idx, idx)[0])  # the same function, from the file alone
     assert set(reader.fields) <= LLAMA_CPP_READS | {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}, set(reader.fields) - LLAMA_CPP_READS
@@ -209,7 +208,6 @@ def llama_cpp_logits(path, ids, metadata=None):
 
 
 def our_logits(model, ids):
-    model.loss_chunk = 0
     with torch.no_grad():
         return model(torch.tensor([ids]), torch.tensor([ids]))[0][0].float()
 

@@ -61,12 +61,11 @@ def test_compiled_model_on_cuda_gives_the_eager_loss_and_gradients_in_fp32():
     from torch._dynamo.utils import counters
 
     model = random_model(n_layer=2).cuda()
-    model.loss_chunk = 512  # as train.py: the loss fused with its gradient (model.LinearCrossEntropy)
     x = torch.randint(0, SHAPE["vocab_size"], (2, 256), device="cuda")
 
     def step(forward):
         model.zero_grad(set_to_none=True)
-        _, loss, stats = forward(x, x)
+        _, loss, stats = forward(x, x, loss_chunk=512)  # as train.py: the loss fused with its gradient (LinearCrossEntropy)
         (loss + 0.01 * stats["aux"] + 0.001 * stats["z"]).backward()
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

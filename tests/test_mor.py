@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY, full_only, run_script
-from model import GPT, GPTConfig, flops_per_token, layer_shares, param_counts
+from model import GPT, GPTConfig
+from sizing import flops_per_token, layer_shares, param_counts
 
 
 def cfg(**kw):
@@ -41,7 +42,6 @@ def test_a_shared_model_equals_the_unrolled_model_with_tied_weights():
         state.update({f"layers.{j}.{k}": v for k, v in shared.layers[i].state_dict().items()})
     unrolled.load_state_dict(state)
     idx = torch.randint(0, 97, (2, 40))
-    shared.loss_chunk = unrolled.loss_chunk = 0
     ls, loss_s, _ = shared(idx, idx)
     lu, loss_u, _ = unrolled(idx, idx)
     torch.testing.assert_close(ls, lu, atol=1e-6, rtol=1e-6)
@@ -65,13 +65,14 @@ def test_expert_choice_keeps_exact_capacities_hierarchically_and_leaves_unselect
     x = torch.randn(B, T, d)
     calls = []
 
-    def run(j, h, cos=None, sin=None, where=None, active=None):
-        calls.append((j, h.shape[1], where))
-        return torch.ones_like(h)
+    def run_layers(layers, h, cos, sin, cache=None, where=None, active=None):
+        calls.append((list(layers), h.shape[1], where))
+        return torch.ones_like(h), []
 
+    m.run_layers = run_layers
     cos, sin = m.rope_cos[:T], m.rope_sin[:T]
-    out = m.expert_recursions(x, cos, sin, run, stats := {})
-    assert [c[0] for c in calls] == [1, 2, 3] and [c[1] for c in calls] == [30, 20, 10]  # exact: int(cap * T)
+    out, _, stats = m.expert_recursions(x, cos, sin, None, topk=True)
+    assert [c[0] for c in calls] == [[1], [2], [3]] and [c[1] for c in calls] == [30, 20, 10]  # exact: int(cap * T)
     for r in (1, 2):  # each row's picks at step r are among its picks at r - 1
         for b in range(B):
             assert set(calls[r][2][b].tolist()) <= set(calls[r - 1][2][b].tolist())
@@ -100,7 +101,6 @@ def routed(seed=0):
 
 def test_eval_decides_causally_and_top_k_reads_the_future():
     m = routed()
-    m.loss_chunk = 0
     a = torch.randint(0, 97, (2, 40))
     b = a.clone()
     b[:, 25:] = torch.randint(0, 97, (2, 15))
@@ -109,8 +109,8 @@ def test_eval_decides_causally_and_top_k_reads_the_future():
         lb = m(b, b)[0]
         assert 0 < st["mor_share"][-1] < 1  # the threshold split the tokens
         torch.testing.assert_close(la[:, :25], lb[:, :25], atol=0, rtol=0)
-        m.mor_topk = True  # training's rule at eval: the top third of the sequence depends on its end
-        assert not torch.equal(m(a, a)[0][:, :25], m(b, b)[0][:, :25])
+        # training's rule at eval: the top third of the sequence depends on its end
+        assert not torch.equal(m(a, a, mor_topk=True)[0][:, :25], m(b, b, mor_topk=True)[0][:, :25])
 
 
 def test_kv_cache_generation_of_a_routed_model_equals_rerunning_the_context():
@@ -142,13 +142,14 @@ def test_token_choice_runs_each_token_its_own_depth_in_training_and_eval():
         m.train(training)
         calls = []
 
-        def run(j, h, cos=None, sin=None, where=None, active=None):
-            calls.append((j, where, active))
-            return h + 1
+        def run_layers(layers, h, cos, sin, cache=None, where=None, active=None):
+            calls.append((list(layers), where, active))
+            return h + 1, []
 
-        out = m.token_recursions(x, m.rope_cos[:T], m.rope_sin[:T], run, stats := {})
+        m.run_layers = run_layers
+        out, _, stats = m.token_recursions(x, m.rope_cos[:T], m.rope_sin[:T], None)
         torch.testing.assert_close(out, x + p[..., None] * (x + depth[..., None] + 1))
-        assert [c[0] for c in calls] == [1, 2, 3]
+        assert [c[0] for c in calls] == [[1], [2], [3]]
         for r, (_, where, active) in enumerate(calls[1:], 1):
             going = depth >= r
             if training:  # the tokens going on, in order, then pads at position T
@@ -167,7 +168,6 @@ def test_token_choice_is_causal_and_training_equals_eval():
     """The depth is each token's own choice: no leak, and the gathered, padded training path gives the masked
     eval path's logits (pads never seen by real tokens, positions kept for RoPE and the window)."""
     m = token_routed(2)
-    m.loss_chunk = 0
     a = torch.randint(0, 97, (2, 40))
     b = a.clone()
     b[:, 25:] = torch.randint(0, 97, (2, 15))
@@ -238,7 +238,7 @@ def test_bad_recursion_settings_are_one_line(tmp_path, data_dir):
 @full_only
 def test_a_recursive_model_exports_unrolled_to_transformers_and_a_routed_one_is_refused(tmp_path, data_dir):
     transformers = pytest.importorskip("transformers")
-    from sample import load_model
+    from weights import load_model
 
     common = [*TINY, "--n_layer=4", "--n_recursion=2", f"--data_dir={data_dir}", "--max_iters=3", "--eval_interval=0"]
     rec, routed_run = str(tmp_path / "rec"), str(tmp_path / "routed")
@@ -249,7 +249,6 @@ def test_a_recursive_model_exports_unrolled_to_transformers_and_a_routed_one_is_
                                                                  attn_implementation="eager", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and hf.config.num_hidden_layers == 4
     ours, _ = load_model(rec)
-    ours.loss_chunk = 0
     idx = torch.randint(0, 4097, (2, 64))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx, idx)[0], atol=1e-5, rtol=1e-5)

@@ -33,7 +33,8 @@ def data(tmp_path_factory):
 
 
 def test_run_over_budget_is_stopped_and_finishes_with_half_the_micro_batch(tmp_path, data):
-    from model import GPTConfig, memory_estimate
+    from model import GPTConfig
+    from sizing import memory_estimate
 
     cfg = GPTConfig.from_dict(SHAPE)
     big, small = (memory_estimate(cfg, b, 256, loss_chunk=512)["total"] for b in (64, 32))  # ~2.8 and ~1.6 GB
@@ -85,7 +86,8 @@ def test_crashing_child_is_restarted_a_bounded_number_of_times(tmp_path):
 
 
 def test_a_micro_batch_that_does_not_fit_starts_smaller_with_the_same_tokens_per_step(tmp_path, data):
-    from model import GPTConfig, memory_estimate
+    from model import GPTConfig
+    from sizing import memory_estimate
 
     cfg = GPTConfig.from_dict(SHAPE)
     budget = memory_estimate(cfg, 8, 256, loss_chunk=512, grad_accum_steps=8)["total"] / 0.9 * 1.05  # micro batch 8 fits with 5% to spare; 32 does not
@@ -196,14 +198,14 @@ def test_on_cuda_the_estimate_meets_gpu_memory_not_host_ram_simulated_gpu(monkey
 
     import torch
 
-    import model
+    import devices
     import safe_train
     from configurator import script_defaults
 
     config = {**script_defaults(os.path.join(ROOT, "train.py")), **SHAPE, "data_dir": data, "batch_size": 64,
               "grad_accum_steps": 1, "_line": 100e9, "_stop_pct": 90.0, "_strict": False, "_fit": True}
-    monkeypatch.setattr(model, "pick_device", lambda want: "cuda")
-    monkeypatch.setattr(model, "pick_dtype", lambda want, dev_type: "bfloat16")
+    monkeypatch.setattr(devices, "pick_device", lambda want: "cuda")
+    monkeypatch.setattr(devices, "pick_dtype", lambda want, dev_type: "bfloat16")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(total_memory=0.3e9))
     report = safe_train.probe(config)
     assert "GPU memory" in report["error"] and "even micro batch 1" in report["error"]  # refused before any model is built
@@ -214,7 +216,8 @@ def test_the_finetune_example_runs_to_the_end_under_a_budget_that_forces_one_mem
     """`python safe_train.py config/finetune_mac.py`, as the README gives it, on a small real base and the real
     stdlib_api set (at the tests' 4k vocabulary): stopped once at the memory line, resumed at half the micro
     batch, and finished with its adapters written."""
-    from model import GPTConfig, memory_estimate
+    from model import GPTConfig
+    from sizing import memory_estimate
 
     base = tmp_path / "base"
     r = subprocess.run([sys.executable, "train.py", *[f"--{k}={v}" for k, v in SHAPE.items()], f"--data_dir={data}",

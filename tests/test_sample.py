@@ -15,7 +15,7 @@ def test_a_model_whose_padded_ids_have_the_largest_logits_samples_only_decodable
     import torch
 
     from data_loader import decodable, get_tokenizer
-    from sample import load_model
+    from weights import load_model
 
     model, _ = load_model(os.path.join(out, "ckpt_0"))
     allowed = torch.from_numpy(decodable(get_tokenizer(TOKENIZER), model.cfg.vocab_size))

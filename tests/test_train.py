@@ -85,7 +85,7 @@ def test_sample_py_reads_the_checkpoint(trained):
 
 def load_weights(ckpt_dir):
     sys.path.insert(0, ROOT)
-    from sample import load_model
+    from weights import load_model
 
     model, _ = load_model(ckpt_dir)
     return model.state_dict()
