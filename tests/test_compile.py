@@ -148,7 +148,7 @@ def test_compiled_greedy_generation_gives_the_eager_tokens(eager, tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import compile_backends
     from devices import compile_blocks
-    from sample import load_model
+    from weights import load_model
 
     model, _ = load_model(eager[0])
     prompt = torch.arange(20)[None] + 100  # longer than TINY's window of 16

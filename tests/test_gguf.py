@@ -273,7 +273,7 @@ def test_llama_cpps_lora_converter_reads_attention_adapters_and_refuses_expert_o
 
     import checkpoint
     from export_hf import export
-    from sample import load_model
+    from weights import load_model
     from test_hf import tiny_hf_config
 
     torch.manual_seed(0)  # an HF base, with plain RoPE (the fixture's YaRN has truncate false, which llama.cpp cannot say)
