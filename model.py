@@ -629,7 +629,7 @@ class GPT(nn.Module):
         """Returns (logits, loss, stats). loss is the LM cross-entropy alone; stats holds the router's
         raw aux and z losses (means over layers) and the per-layer expert counts [n_layer, n_expert],
         so the caller chooses the coefficients and logs the raw values. Generation passes a cache (one dict
-        per layer, see generate) and the position of idx's first token. loss_chunk: the loss this many tokens at
+        per layer, see generate.py) and the position of idx's first token. loss_chunk: the loss this many tokens at
         a time, fused with its gradient when training, so the [tokens, vocab] logits never exist whole (0 = all at
         once; logits are then returned, else None). mor_topk (expert-choice recursion): None, top-k over the
         sequence while training and the causal threshold otherwise; True / False force one."""
@@ -774,42 +774,3 @@ class GPT(nn.Module):
                 m.merge()
         self.cfg = replace(self.cfg, lora_rank=0)
         return self
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True, allowed=None):
-        """Sampling (temperature 0: greedy; top_k None or 0: from every token). allowed: a bool tensor [vocab_size], True
-        for the ids the tokenizer can decode (data_loader.decodable): no other id is ever picked, neither the padding
-        past the tokenizer nor the holes inside it. With the KV cache: one forward over the prompt (the prefill), then
-        one token at a time against the cached keys and values; sliding layers keep only their window. Up to
-        the RoPE reach (past block_size for YaRN models); beyond it the context is cut to its last half and
-        prefilled again. Without the cache every step reruns the context (the reference the tests hold it to)."""
-        reach = self.cfg.rope_reach()
-        if len(self.rope_cos) < min(idx.shape[1] + max_new_tokens, reach):  # tables for positions past block_size
-            cos, sin = rope_tables(self.cfg, min(idx.shape[1] + max_new_tokens, reach), self.rope_cos.device)
-            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
-        limit = reach if use_cache else self.cfg.block_size
-        banned = None if allowed is None else ~allowed
-        cache, pos = None, 0
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits = self(idx[:, -limit:])[0]
-            elif cache is None or pos >= limit:  # the prefill (again, past the reach: positions restart at 0)
-                ctx = idx[:, -(limit if cache is None else limit // 2):]
-                cache = [{} for _ in self.plan]  # one per applied layer: a shared block keeps each use's keys
-                logits, pos = self(ctx, cache=cache)[0], ctx.shape[1]
-            else:
-                logits = self(idx[:, -1:], cache=cache, pos=pos)[0]
-                pos += 1
-            logits = logits[:, -1, :].float()
-            if banned is not None:
-                logits = logits.masked_fill(banned, -float("inf"))
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                nxt = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx

@@ -46,6 +46,7 @@ def main():
     from configurator import ConfigError, check_device, configure
     from data_loader import decodable, get_tokenizer
     from devices import compile_blocks, compiler_error, pick_device, pick_dtype, set_tf32, uncompile_blocks
+    from generate import generate as generate_ids
     from weights import load_model
 
     configure(globals())
@@ -83,7 +84,7 @@ def main():
 
     def generate():
         g = torch.Generator(device=dev).manual_seed(seed)
-        return model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, generator=g, use_cache=use_cache,
+        return generate_ids(model, x, max_new_tokens, temperature=temperature, top_k=top_k, generator=g, use_cache=use_cache,
                               allowed=allowed)
     t = time.time()
     try:

@@ -338,6 +338,7 @@ def main():
     from configurator import ConfigError, check_device, configure
     from data_loader import DataError, DataLoader, build_data, decodable, get_tokenizer, needs_building
     from devices import compile_blocks, compiler_error, peak_flops, pick_dtype, set_tf32, uncompile_blocks
+    from generate import generate
     from model import GPT, GPTConfig
     from sizing import flops_per_token, param_counts
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -545,7 +546,7 @@ def main():
     compile_off = None  # the first step that runs eager after a compiler error (None: compiled throughout, or never)
     if use_compile:
         try:
-            compile_blocks(model, compile_backend)  # in place: model, raw_model.generate and eval all use the compiled blocks
+            compile_blocks(model, compile_backend)  # in place: model, generate and eval all use the compiled blocks
         except Exception as e:  # an unknown backend name, a module:function that does not import
             fail(f"config error: compile_backend {compile_backend!r}: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]} "
                  f"(use inductor, aot_eager, or module:function)")
@@ -629,7 +630,7 @@ def main():
         raw_model.eval()
         try:
             with ctx:
-                out = raw_model.generate(start, sample_tokens, temperature=temperature, top_k=top_k, generator=g, allowed=allowed)
+                out = generate(raw_model, start, sample_tokens, temperature=temperature, top_k=top_k, generator=g, allowed=allowed)
         finally:
             raw_model.train()
         return tokenizer.decode(out[0, 1:].tolist())

@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # model.py is one folder up
 from devices import compile_blocks  # noqa: E402
+from generate import generate  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 SHAPES = {  # tests/conftest.py's TINY, and config/mac_micro.py's model at its micro batch
@@ -61,7 +62,7 @@ def main(shape="tiny", what="blocks", dynamic="None"):
         for i in range(2):
             timed(f"eval{i + 1}", lambda: model(xs[3][:B // 2], xs[3][:B // 2], loss_chunk=512))
         for i in range(2):
-            timed(f"sample{i + 1}", lambda: model.generate(xs[i][:1, :8], 16, temperature=0))
+            timed(f"sample{i + 1}", lambda: generate(model, xs[i][:1, :8], 16, temperature=0))
     from torch._dynamo.utils import counters
 
     print(f"{shape} | {what} | dynamic {dynamic} | CPU s: {' '.join(costs)} | graphs {counters['stats']['unique_graphs']}")

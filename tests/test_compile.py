@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, full_only, run_script
+from generate import generate
 
 # 3 steps, an eval, a sample (its prefill and a one-token step against the cache) and a save; on the CPU, in fp32, on
 # any machine (the GPU check compares CUDA's compiled runs)
@@ -153,10 +154,10 @@ def test_compiled_greedy_generation_gives_the_eager_tokens(eager, tmp_path):
     model, _ = load_model(eager[0])
     prompt = torch.arange(20)[None] + 100  # longer than TINY's window of 16
     with torch.no_grad():
-        want = model.generate(prompt, 24, temperature=0)
+        want = generate(model, prompt, 24, temperature=0)
         calls = compile_backends.counts["calls"]
         try:
-            got = compile_blocks(model, compile_backends.counting).generate(prompt, 24, temperature=0)
+            got = generate(compile_blocks(model, compile_backends.counting), prompt, 24, temperature=0)
         finally:
             torch._dynamo.reset()
     assert compile_backends.counts["calls"] > calls

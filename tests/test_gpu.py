@@ -4,6 +4,7 @@ context, a compiled model gives the eager model's loss and gradients. They skip 
 import pytest
 import torch
 
+from generate import generate
 from model import GPT, GPTConfig
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bench/gpu_check.py)")]
@@ -52,8 +53,8 @@ def test_kv_cache_greedy_tokens_on_cuda_equal_rerunning_the_context():
     model = random_model().cuda().eval()
     prompt = torch.randint(0, SHAPE["vocab_size"], (2, 100), device="cuda")
     with torch.no_grad():  # 100 new tokens: past the sliding window, so the cache drops keys as it goes
-        cached = model.generate(prompt, 100, temperature=0, use_cache=True)
-        rerun = model.generate(prompt, 100, temperature=0, use_cache=False)
+        cached = generate(model, prompt, 100, temperature=0, use_cache=True)
+        rerun = generate(model, prompt, 100, temperature=0, use_cache=False)
     assert torch.equal(cached, rerun)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from generate import generate
 from model import GPT, GPTConfig, MoE, attention, rope_tables, swiglu
 from sizing import param_counts
 
@@ -208,7 +209,7 @@ def test_forward_returns_loss_and_router_stats_and_generate_extends():
     assert abs(loss.item() - math.log(97)) < 0.5  # near uniform at init
     assert stats["load"].shape == (2, 4) and stats["load"].sum().item() == 2 * 80 * 2
     assert 1.0 <= stats["aux"].item() <= 4.0
-    out = m.generate(idx[:1, :5], 7, temperature=1.0, top_k=10)
+    out = generate(m, idx[:1, :5], 7, temperature=1.0, top_k=10)
     assert out.shape == (1, 12)
 
 
@@ -292,8 +293,8 @@ def test_kv_cache_generates_the_tokens_and_logits_of_the_uncached_path():
         for b in m.layers:
             b.self_attn.sinks.normal_(0, 1.0)
     prompt = torch.randint(0, 97, (2, 30))
-    cached = m.generate(prompt, 40, temperature=0)
-    plain = m.generate(prompt, 40, temperature=0, use_cache=False)
+    cached = generate(m, prompt, 40, temperature=0)
+    plain = generate(m, prompt, 40, temperature=0, use_cache=False)
     assert torch.equal(cached, plain)
     cache = [{} for _ in m.layers]
     with torch.no_grad():
@@ -308,7 +309,7 @@ def test_kv_cache_generates_the_tokens_and_logits_of_the_uncached_path():
 def test_yarn_model_generates_past_its_block_size_with_the_cache():
     torch.manual_seed(0)
     m = GPT(tiny(block_size=32, rope_scaling_factor=4.0, initial_context_length=32)).eval()
-    out = m.generate(torch.randint(0, 97, (1, 20)), 60, temperature=0)
+    out = generate(m, torch.randint(0, 97, (1, 20)), 60, temperature=0)
     assert out.shape == (1, 80)  # 80 positions: past block_size 32, within the YaRN reach of 128
 
 

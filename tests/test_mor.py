@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY, full_only, run_script
+from generate import generate
 from model import GPT, GPTConfig
 from sizing import flops_per_token, layer_shares, param_counts
 
@@ -116,7 +117,7 @@ def test_eval_decides_causally_and_top_k_reads_the_future():
 def test_kv_cache_generation_of_a_routed_model_equals_rerunning_the_context():
     m = routed(1)
     prompt = torch.randint(0, 97, (2, 20))
-    assert torch.equal(m.generate(prompt, 25, temperature=0), m.generate(prompt, 25, temperature=0, use_cache=False))
+    assert torch.equal(generate(m, prompt, 25, temperature=0), generate(m, prompt, 25, temperature=0, use_cache=False))
 
 
 def token_routed(seed=0):
@@ -192,7 +193,7 @@ def test_token_choice_is_causal_and_training_equals_eval():
 def test_kv_cache_generation_of_a_token_routed_model_equals_rerunning_the_context():
     m = token_routed(3).eval()
     prompt = torch.randint(0, 97, (2, 20))
-    assert torch.equal(m.generate(prompt, 25, temperature=0), m.generate(prompt, 25, temperature=0, use_cache=False))
+    assert torch.equal(generate(m, prompt, 25, temperature=0), generate(m, prompt, 25, temperature=0, use_cache=False))
 
 
 def test_flops_and_memory_count_the_capacities():

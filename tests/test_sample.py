@@ -2,6 +2,7 @@
 import os
 
 from conftest import TOKENIZER, padded_checkpoint, run_script
+from generate import generate
 
 
 def test_a_model_whose_padded_ids_have_the_largest_logits_samples_only_decodable_ids(tmp_path):
@@ -20,9 +21,9 @@ def test_a_model_whose_padded_ids_have_the_largest_logits_samples_only_decodable
     model, _ = load_model(os.path.join(out, "ckpt_0"))
     allowed = torch.from_numpy(decodable(get_tokenizer(TOKENIZER), model.cfg.vocab_size))
     prompt = torch.zeros(2, 3, dtype=torch.long)
-    assert (model.generate(prompt, 30, temperature=1.0, top_k=0)[:, 3:] >= 4097).all()  # unmasked: padding, always
+    assert (generate(model, prompt, 30, temperature=1.0, top_k=0)[:, 3:] >= 4097).all()  # unmasked: padding, always
     for temperature, top_k in ((2.0, 0), (0.8, 200), (0, None)):
-        out_ids = model.generate(prompt, 30, temperature=temperature, top_k=top_k, allowed=allowed)[:, 3:]
+        out_ids = generate(model, prompt, 30, temperature=temperature, top_k=top_k, allowed=allowed)[:, 3:]
         assert allowed[out_ids].all(), (temperature, top_k)
 
 
