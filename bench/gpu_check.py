@@ -514,6 +514,17 @@ def sample_compiled(r):
     return how + (" (dry run: compile off)" if DRY else "")
 
 
+@row("profile: 8b_moe 2-layer slice, compiled (bench/profile_step.py)", 150, alone=True)
+def profile_8b(r):
+    dry = ["--device=cpu", "--compile=False", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--head_dim=32",
+           "--intermediate_size=64", "--block_size=64", "--vocab_size=4096"] if DRY else []
+    rc, text = r.sh(PY, "bench/profile_step.py", "config/8b_moe.py", "--n_layer=2", "--batch_size=1", *dry)
+    r.expect(rc == 0, f"profile_step.py exited {rc}: {last_line(text)}")
+    parts = re.findall(r"^\| ([^|`]+) \| [\d.]+ \| ([\d.]+%) \|$", text, re.M)
+    r.expect(parts, f"no table of parts: {last_line(text)}")
+    return "where the time goes (the whole table in this row's log): " + ", ".join(f"{p.strip()} {s}" for p, s in parts[:4])
+
+
 # ----------------------------------------------------------------------------------------------- the command
 def refuse(msg):
     print(f"gpu_check: {msg}", file=sys.stderr, flush=True)
