@@ -41,7 +41,8 @@ def run(main, *args):
 class Rule:
     """The values one setting may take: its kind (int, float, str, bool; tuple: a tuple of numbers), bounds (ge >=,
     gt >, le <=, lt <; on each number of a tuple), a multiple (ints), choices or a whole-match pattern (text, with
-    `form` saying it in words), and `off`: which value switches the thing off, in words."""
+    `form` saying it in words; a tuple with a pattern: a tuple of such texts), and `off`: which value switches the
+    thing off, in words."""
     kind: type
     ge: float = None
     gt: float = None
@@ -69,6 +70,8 @@ class Rule:
 
     def refuses(self, value):
         """True when value is not one this setting may take."""
+        if self.kind is tuple and self.pattern is not None:
+            return not isinstance(value, tuple) or not all(isinstance(v, str) and re.fullmatch(self.pattern, v) for v in value)
         if self.kind is tuple:
             return not isinstance(value, tuple) or any(map(self.out_of_bounds, value))
         if self.kind is float:
@@ -100,6 +103,10 @@ RULES = {
     "wandb_run_name": NAME, "tensorboard_log": FLAG, "save_every": POSITIVE, "keep_last_n": Rule(int, ge=0, off="0 = keep all"),
     "sample_every": Rule(int, ge=0, off="0 = never"), "sample_tokens": POSITIVE,
     "temperature": Rule(float, ge=0, off="0 = greedy"), "top_k": Rule(int, ge=0, off="0 = every token"),
+    # sample.py's other controls (transformers' meanings; the same names for train.py's periodic sample)
+    "top_p": Rule(float, gt=0, le=1, off="1 = every token"), "min_p": Rule(float, ge=0, lt=1, off="0 = off"),
+    "repetition_penalty": Rule(float, gt=0, off="1 = off"), "stop_at_eot": FLAG, "stream": FLAG,
+    "stop": Rule(tuple, pattern=r"(?s).+", form="text, or a list of texts, none empty: --stop=END or --stop=\"['\\n\\n', 'END']\""),
     # data
     "batch_size": POSITIVE, "block_size": POSITIVE, "grad_accum_steps": POSITIVE, "sync_grads_every_micro_step": FLAG,
     "activation_checkpointing": FLAG, "loss_chunk": Rule(int, ge=0, off="0 = all at once"),
@@ -207,7 +214,8 @@ def _known(key, defaults, where):
 
 
 def _coerce(key, value, default, where):
-    """Accept value for key if it fits the default's type: int for float; None, and anything, where the default is None."""
+    """Accept value for key if it fits the default's type: int for float; a list or one text for a tuple (--stop=END);
+    None, and anything, where the default is None."""
     if default is None:
         return value
     if isinstance(default, bool):
@@ -218,6 +226,8 @@ def _coerce(key, value, default, where):
             return float(value)
     elif isinstance(value, type(default)) and not isinstance(value, bool):
         return value
+    elif isinstance(default, tuple) and isinstance(value, (list, str)):
+        return tuple(value) if isinstance(value, list) else (value,)
     raise ConfigError(f"config key '{key}' in {where} wants a {type(default).__name__}, got {value!r}")
 
 
@@ -246,7 +256,7 @@ def _read_file(path):
         line = getattr(e, "lineno", None) or _lineno(e, path)
         raise ConfigError(f"{path}:{line}: {type(e).__name__}: {e}")
     # plain values only: modules or helper functions imported by the file are not settings
-    return {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, type(None)))}
+    return {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple, list, type(None)))}
 
 
 def _lineno(exc, path):

@@ -2,8 +2,11 @@
 Text from a checkpoint, in one process, whatever number of processes wrote it, or from an HF GptOss directory:
     python sample.py --out_dir=out --start="The meaning of life" --num_samples=3 --max_new_tokens=100
     python sample.py --init_from=path/to/gpt-oss-20b --start="Hello"       # HF weights (bf16 or MXFP4 experts)
---start can also be FILE:prompt.txt. The samples run as one batch, with a KV cache (one forward over the prompt,
-then one token at a time), in the precision train.py would pick (devices.pick_dtype) unless --dtype says otherwise.
+    python sample.py --out_dir=out --start="def " --top_p=0.9 --repetition_penalty=1.2 --stop="['class ', 'def ']"
+--start can also be FILE:prompt.txt. The sampling controls are transformers' (generate.process_logits). A sample ends
+at end-of-text and before the first --stop string; one sample is printed as it comes. The samples run as one batch,
+with a KV cache (one forward over the prompt, then one token at a time), in the precision train.py would pick
+(devices.pick_dtype) unless --dtype says otherwise.
 The tokenizer is the one named in the checkpoint's config.json (o200k_harmony for an HF directory), or --tokenizer.
 """
 import os
@@ -21,6 +24,14 @@ num_samples = 1  # sampled together, as one batch
 max_new_tokens = 200
 temperature = 0.8  # 0 = greedy
 top_k = 200  # sample from the k likeliest tokens (0 = from every token)
+top_p = 1.0  # then from the likeliest whose probabilities add up to top_p (1 = from every token)
+min_p = 0.0  # then drop the tokens less likely than min_p times the likeliest (0 = off)
+repetition_penalty = 1.0  # before all these, every id already in the context, the prompt's too, is made less likely:
+# a positive logit divided by it, a negative one multiplied (1 = off; 1.1 to 1.3 is usual)
+stop_at_eot = True  # end a sample at the tokenizer's end-of-text (plain text; --chat ends at the template's end of turn)
+stop = ()  # end a sample before the first of these strings, even one that spans tokens: --stop=END, or a Python
+# literal for several or for escapes: --stop="['\n\n', 'THE END']"
+stream = True  # with num_samples 1, print the text as it comes (False: at the end)
 seed = 1337
 device = "auto"
 dtype = "auto"  # auto: as train.py picks: bfloat16 on CUDA (float16 without bf16) and on MPS from macOS 14, else float32
@@ -46,6 +57,7 @@ def main():
     from configurator import ConfigError, check_device, configure
     from data_loader import decodable, get_tokenizer
     from devices import compile_blocks, compiler_error, pick_device, pick_dtype, set_tf32, uncompile_blocks
+    from generate import Stops
     from generate import generate as generate_ids
     from weights import load_model
 
@@ -77,15 +89,37 @@ def main():
         except OSError as e:
             raise ConfigError(f"--start=FILE:{prompt[5:]}: {e.strerror}")
     ids, stops = prompt_ids(prompt, enc, chat)
+    if not chat and stop_at_eot:
+        stops = {enc.eot_token}
     x = torch.tensor([ids] * num_samples, device=dev)
     allowed = torch.from_numpy(decodable(enc, model.cfg.vocab_size)).to(dev)  # never an id the tokenizer cannot decode
     if compile:
         compile_blocks(model)
 
+    head = "" if chat else enc.decode(ids)  # plain text comes after its prompt; a chat's answer alone
+    streaming = stream and num_samples == 1
+    if streaming:
+        print(head, end="", flush=True)
+    ends, shown = None, 0  # shown: the characters of the text printed so far, which a retry (compile off) skips
+
     def generate():
+        nonlocal ends
         g = torch.Generator(device=dev).manual_seed(seed)
-        return generate_ids(model, x, max_new_tokens, temperature=temperature, top_k=top_k, generator=g, use_cache=use_cache,
-                              allowed=allowed)
+        ends = Stops(enc, num_samples, stops, stop)
+
+        def on_token(nxt):
+            nonlocal shown
+            done = ends.push(nxt)
+            text = ends.shown(0) if streaming else ""
+            if len(text) > shown:
+                print(text[shown:], end="", flush=True)
+                shown = len(text)
+            return done
+        y = generate_ids(model, x, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                         repetition_penalty=repetition_penalty, generator=g, use_cache=use_cache, allowed=allowed,
+                         on_token=on_token)
+        ends.close()
+        return y
     t = time.time()
     try:
         y = generate()
@@ -97,13 +131,11 @@ def main():
         t = time.time()
         y = generate()
     seconds = time.time() - t
-    for row in y.tolist():
-        if chat:  # the answer alone, up to the template's end of turn
-            row = row[len(ids):]
-            row = row[:next((i for i, t in enumerate(row) if t in stops), len(row))]
-        print(enc.decode(row))
+    for row in range(num_samples):
+        print(ends.text[0][shown:] if streaming else head + ends.text[row])
         print("---------------")
-    print(f"{num_samples} x {max_new_tokens} tokens in {seconds:.1f} s: {num_samples * max_new_tokens / seconds:.1f} tok/s "
+    steps = y.shape[1] - x.shape[1]  # fewer than max_new_tokens once every sample has ended
+    print(f"{num_samples} x {steps} tokens in {seconds:.1f} s: {num_samples * steps / seconds:.1f} tok/s "
           f"({dev}, {str(dt).removeprefix('torch.')}, {'KV cache' if use_cache else 'no cache'}, tf32 {'on' if tf32 else 'off'}, "
           f"compile {'on' if compile else 'off'})", file=sys.stderr)
 

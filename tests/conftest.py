@@ -75,10 +75,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU and skips without one (python bench/gpu_check.py runs them on a GPU)")
 
 
-def padded_checkpoint(out_dir, tokenizer=TOKENIZER, vocab_size=4160):
+def padded_checkpoint(out_dir, tokenizer=TOKENIZER, vocab_size=4160, loudest=None):
     """A real checkpoint (checkpoint.save) of a model whose vocabulary is padded past the tokenizer's ids (4,097 for
-    o200k_base:4096, in 4,160 outputs) and whose largest logits are always the padded ones: attention and experts
-    add nothing, every token embeds alike, and only the padded rows of the head are non-zero. Returns out_dir."""
+    o200k_base:4096, in 4,160 outputs) and whose largest logits are always the padded ones (or the ids in loudest):
+    attention and experts add nothing, every token embeds alike, and only those rows of the head are non-zero.
+    Returns out_dir."""
     import warnings
 
     import checkpoint
@@ -97,7 +98,8 @@ def padded_checkpoint(out_dir, tokenizer=TOKENIZER, vocab_size=4160):
                 p.zero_()
         model.embed_tokens.weight.fill_(1.0)
         model.lm_head.weight.zero_()
-        model.lm_head.weight[enc.n_vocab:] = 1.0  # logit 32 for every padded id, 0 for the tokenizer's own
+        loud = slice(enc.n_vocab, None) if loudest is None else list(loudest)
+        model.lm_head.weight[loud] = 1.0  # logit 32 for every padded id (or loudest), 0 for the others
     os.makedirs(out_dir, exist_ok=True)
     settings = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
     with warnings.catch_warnings():  # DCP's note that it saves without a process group: intended

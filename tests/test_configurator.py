@@ -92,6 +92,8 @@ def out_of_range(rule):
     bound, off its multiple, an unknown choice, empty text where text is required, and a value of another type."""
     if rule.kind is bool:
         return ["yes", 1]
+    if rule.kind is tuple and rule.pattern:  # texts (--stop)
+        return [("",), ("ok", 5), "seven"]
     if rule.kind is str:
         return [5] + (["nonsense"] if rule.choices else []) + ([""] if rule.pattern else [])
     step = 1 if rule.kind is int else 0.5
