@@ -104,21 +104,25 @@ def hf_step_fn(cfg, dev, ctx, dt):
     return step
 
 
-def layer_step_fns(cfg, dev, ctx, T):
+def layer_step_fns(cfg, dev, ctx, T, use_compile=False):
     """Attention alone (q, k, v given), the attention sublayer (projections, RoPE, attention) and the whole
-    block, sliding and full, forward + backward at sequence length T, batch 1."""
+    block, sliding and full, forward + backward at sequence length T, batch 1; compiled as train.py compiles its
+    blocks when use_compile (attention() then runs FlexAttention on CUDA)."""
     from model import Attention, Block, attention, rope_tables
 
+    wrap = torch.compile if use_compile else (lambda f: f)
     cos, sin = (t.to(dev) for t in rope_tables(cfg, T))
     fns = {}
     torch.manual_seed(0)
-    q = torch.randn(1, T, cfg.n_head, cfg.head_dim, device=dev, requires_grad=True)
-    k, v = (torch.randn(1, T, cfg.n_kv_head, cfg.head_dim, device=dev, requires_grad=True) for _ in range(2))
+    dt = getattr(ctx, "fast_dtype", torch.float32)  # q, k, v as autocast's projections give them
+    q = torch.randn(1, T, cfg.n_head, cfg.head_dim, device=dev, dtype=dt, requires_grad=True)
+    k, v = (torch.randn(1, T, cfg.n_kv_head, cfg.head_dim, device=dev, dtype=dt, requires_grad=True) for _ in range(2))
     sinks = torch.zeros(cfg.n_head, device=dev, requires_grad=True) if cfg.sinks else None
+    op = wrap(attention)
     for kind, window in (("sliding", cfg.sliding_window), ("full", None)):
         def step(x, window=window):
             with ctx:
-                y = attention(q, k, v, sinks, window)
+                y = op(q, k, v, sinks, window)
             y.float().square().mean().backward()
         fns[f"attention op, {kind}"] = step
     for part, make in (("attention", Attention), ("block", Block)):
@@ -126,6 +130,7 @@ def layer_step_fns(cfg, dev, ctx, T):
             assert cfg.layer_is_sliding(idx) == (kind == "sliding"), "bench expects attn_pattern SF"
             torch.manual_seed(0)
             layer = make(cfg, idx).to(dev)
+            layer.forward = wrap(layer.forward)
 
             def step(x, layer=layer, part=part):
                 with ctx:
@@ -157,6 +162,7 @@ def peak_memory_gb(dev):
 def main():
     from configurator import check_device, configure
     from devices import compile_blocks, peak_flops, pick_device, pick_dtype, set_tf32
+    from model import _flex_masks
     from sizing import flops_per_token, param_counts
 
     argv = sys.argv[1:]
@@ -231,17 +237,20 @@ def main():
     print(f"peak memory of this process (all models): {peak_memory_gb(dev):.2f} GB")
     if layer_T:
         lcfg = replace(cfg, block_size=max(cfg.block_size, layer_T))
-        fns = layer_step_fns(lcfg, dev, ctx, layer_T)
+        fns = layer_step_fns(lcfg, dev, ctx, layer_T, use_compile)
         x = torch.randn(1, layer_T, cfg.n_embd, device=dev, requires_grad=True)
         for step in fns.values():
-            step(x)
+            for _ in range(2 if use_compile else 1):  # compiled, a shape's first call keeps FlexAttention's block mask
+                step(x)  # and the second compiles the graph that reads it
+        flex = any(key[0] == layer_T for key in _flex_masks)
         times = {k: [] for k in fns}
         for _ in range(rounds):
             for name, step in fns.items():
                 times[name].append(timed(step, x, dev, steps))
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"\nper layer, forward + backward, 1 x {layer_T} tokens, window {cfg.sliding_window} (medians of {rounds}): "
-              + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in med.items()))
+        print(f"\nper layer, forward + backward, 1 x {layer_T} tokens, window {cfg.sliding_window}, "
+              f"{'FlexAttention' if flex else 'SDPA'}{', compiled' if use_compile else ''} (medians of {rounds}): "
+              + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in med.items()))
         print("sliding / full: " + ", ".join(f"{part} {med[part + ', sliding'] / med[part + ', full']:.2f}"
                                              for part in ("attention op", "attention", "block")))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 
@@ -200,6 +201,8 @@ def attention(q, k, v, sinks, window, causal=True, mask=None):
     B, T, H, D = q.shape
     scale = 1.0 / math.sqrt(D)
     gqa = k.shape[2] != H
+    if mask is None and causal and k.shape[1] == T and q.is_cuda and torch.compiler.is_compiling():
+        return flex_attention_sinks(q, k, v, sinks, window, scale, gqa)  # FlexAttention is fast only compiled
     if mask is None and causal and window is not None and window < T:
         return sliding_attention(q, k, v, sinks, window, scale)
     causal = causal and mask is None  # a given mask [B, T, S] says who sees whom instead (MoR: positions, active keys)
@@ -215,6 +218,24 @@ def attention(q, k, v, sinks, window, causal=True, mask=None):
     y = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2), is_causal=causal,
                                        attn_mask=mask, scale=scale, enable_gqa=gqa)
     return y.transpose(1, 2)[:, lead:, :, :D]
+
+
+_flex_masks = {}  # FlexAttention's block masks by (T, window, device): see flex_attention_sinks
+
+
+def flex_attention_sinks(q, k, v, sinks, window, scale, gqa):
+    """attention() on FlexAttention, taken on CUDA when compiled: key blocks outside the window are skipped whole (a
+    sliding layer costs its window, not T); full layers too, as torchtitan's gpt-oss (models/gpt_oss/model/model.py).
+    Sinks via the lse: softmax([s, sink])[:-1] = softmax(s) * sigmoid(lse - sink). A shape's first compiled call builds
+    its mask in-graph and keeps it; the next recompiles once to read it: once per shape. Shapes as attention()'s."""
+    T, key = q.shape[1], (q.shape[1], window, str(q.device))
+    if key not in _flex_masks:
+        _flex_masks[key] = create_block_mask(lambda b, h, i, j: (i >= j) & (i - j < (window or T)), None, None, T, T,
+                                             device=q.device)
+    y, aux = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=_flex_masks[key],
+                            scale=scale, enable_gqa=gqa, return_aux=AuxRequest(lse=True))
+    y = y if sinks is None else (y * torch.sigmoid(aux.lse - sinks[:, None]).unsqueeze(-1)).to(y.dtype)  # grads via lse
+    return y.transpose(1, 2)
 
 
 def padded(x, length, at, sink=None):

@@ -1,7 +1,8 @@
 """
 One command that checks a CUDA machine: README's train command compiled (an eval, a save, then resumed),
 sample.py with the KV cache, the suite's CUDA tests, torchrun on every GPU, a LoRA fine-tune, MoR with both
-routers, the memory estimate against max_memory_reserved, safe_train.py, and bench.py's rows. Every row is
+routers, the memory estimate against max_memory_reserved, safe_train.py, bench.py's rows, and FlexAttention against
+the naive reference with the sliding / full ratio. Every row is
 real child processes with their own time limit; the whole check aims at 6 minutes on one H100/H200.
 It never touches the network: build the quick-start data and tiktoken's cache first, on any machine (a CPU
 will do), and bring data/ and .cache/tiktoken along:
@@ -329,11 +330,15 @@ def sample_cached(r):
     return sample(r)[1]
 
 
+def pytest_summary(text):
+    return next((line.strip("= ") for line in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed|skipped|error)", line)),
+                last_line(text))
+
+
 @row("CUDA tests: pytest -m cuda", 200)
 def cuda_tests(r):
-    rc, text = r.sh(PY, "-m", "pytest", "-q", "-m", "cuda", "-rs", "-p", "no:cacheprovider", "tests")
-    summary = next((line.strip("= ") for line in reversed(text.splitlines()) if re.search(r"\d+ (passed|failed|skipped|error)", line)),
-                   last_line(text))
+    rc, text = r.sh(PY, "-m", "pytest", "-q", "-m", "cuda", "-k", "not flex", "-rs", "-p", "no:cacheprovider", "tests")  # flex: its own row
+    summary = pytest_summary(text)
     r.expect(rc == 0, f"pytest exited {rc}: {summary}")
     r.expect(DRY or " passed" in summary, f"no test ran on CUDA: {summary}")
     return summary
@@ -449,16 +454,45 @@ def bench(r, *args):
     return text
 
 
-@row("bench.py: mac_micro vs HF, per-layer line", 180, alone=True)
-def bench_mac(r):
-    text = bench(r, "config/mac_micro.py", "--dense=False", *(["--n_layer=2", "--layer_T=128"] if DRY else []))
+@row("bench.py: mac_micro vs HF", 180, alone=True)
+def bench_mac(r):  # the per-layer line is the attention row's (compiled there: minutes of compiling, not paid twice)
+    text = bench(r, "config/mac_micro.py", "--dense=False", "--layer_T=0", *(["--n_layer=2"] if DRY else []))
     hf = bench_row(text, "HF GptOssForCausalLM")
     r.expect(hf, "no HF row: " + next((line for line in text.splitlines() if line.startswith("HF:")), last_line(text)))
-    layer = next((line for line in text.splitlines() if line.startswith("sliding / full:")), None)
-    r.expect(layer, "no per-layer line")
     vs = re.search(r"nanoOSS vs HF: ([\d.]+x)", text)
     r.compiled(text)
-    return f"HF {hf[0]:,.0f} tok/s (MFU {hf[1]}), ours {vs.group(1) if vs else '?'} HF's; per layer, {layer}"
+    return f"HF {hf[0]:,.0f} tok/s (MFU {hf[1]}), ours {vs.group(1) if vs else '?'} HF's"
+
+
+@row("attention: FlexAttention = the naive reference; sliding / full at 4,096", 300, alone=True)
+def flex_attention(r):
+    """attention() compiled on CUDA runs FlexAttention: tests/test_gpu.py's flex test (values and gradients against the
+    [scores, sink] softmax, sinks on and off, sliding and full), then bench.py's per-layer line at 4,096 tokens,
+    window 128, compiled (issue 23's goal: the sliding op at most 0.25x a full one) and eager (SDPA: is the full
+    layer's FlexAttention at least as fast as SDPA's kernel?)."""
+    rc, text = r.sh(PY, "-m", "pytest", "-q", "-m", "cuda", "-k", "flex", "-rs", "-p", "no:cacheprovider", "tests/test_gpu.py")
+    summary = pytest_summary(text)
+    r.expect(rc == 0 and (DRY or " passed" in summary), f"the flex test: {summary}")
+    shape = ["--device=cpu", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--head_dim=32", "--intermediate_size=64", "--block_size=64",
+             "--layer_T=128"] if DRY else ["--layer_T=4096"]
+    lines = {}
+    for compiled in (True, False):
+        rc, text = r.sh(PY, "bench.py", "config/mac_micro.py", "--n_layer=2", "--batch_size=1", "--hf=False", "--dense=False", "--rounds=3",
+                        "--steps=10", "--sliding_window=128", f"--compile={compiled and not DRY}", *shape)
+        r.expect(rc == 0, f"bench.py exited {rc}: {last_line(text)}")
+        line = next((line for line in text.splitlines() if line.startswith("per layer,")), "")
+        m = re.search(r"^sliding / full: attention op ([\d.]+), attention ([\d.]+), block ([\d.]+)", text, re.M)
+        full = re.search(r"attention op, full ([\d.]+) ms", line)
+        r.expect(m and full, f"no per-layer line: {last_line(text)}")
+        lines[compiled] = m, full.group(1), line, text
+    m, full_compiled, line, text = lines[True]
+    kernel = "FlexAttention" if "FlexAttention" in line else "SDPA"
+    r.expect(DRY or kernel == "FlexAttention", f"the compiled per-layer line ran without FlexAttention: {line[:200]}")
+    r.compiled(text, must=True)
+    op = float(m.group(1))
+    return (f"flex = naive ({summary}); sliding / full at 4,096, window 128: op {op:.2f} (goal <= 0.25: "
+            f"{'met' if op <= 0.25 else 'not met'}), sublayer {m.group(2)}, block {m.group(3)}; the full op {full_compiled} ms "
+            f"compiled ({kernel}), {lines[False][1]} ms eager (SDPA); {line.split(': ', 1)[-1]}")
 
 
 def bench_8b(r, compiled):

@@ -132,6 +132,61 @@ def test_attention_matches_naive_reference(T, window, with_sinks, kv_heads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # its eager kernel, on purpose
+@pytest.mark.parametrize("window", [128, None])
+@pytest.mark.parametrize("with_sinks", [True, False])
+def test_flex_path_with_sinks_through_the_lse_matches_naive_reference_on_cpu_with_flex_backward_check_lifted(
+        window, with_sinks, monkeypatch):
+    """The function attention() runs on CUDA when compiled (FlexAttention with a block mask, the sinks folded in as
+    softmax(s) * sigmoid(lse - sink)), here on FlexAttention's eager kernel on the CPU: values and gradients (q, k, v,
+    sinks) at 1e-5 against the [scores, sink] softmax in fp64; sliding (300 tokens: blocks of 128, the first beyond
+    the last one's window) and full causal, GQA 4:2. torch refuses flex's backward on the CPU by a device check alone
+    (its eager autograd is device-agnostic math): the check is lifted, as no GPU is here (the GPU check runs CUDA's)."""
+    import torch.nn.attention.flex_attention as fa
+
+    import model
+
+    monkeypatch.setattr(fa, "_validate_device", lambda *a: None)
+    torch.manual_seed(0)
+    B, H, Hk, T, D = 2, 4, 2, 300, 16
+    q = torch.randn(B, T, H, D, requires_grad=True)
+    k, v = (torch.randn(B, T, Hk, D, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(H, requires_grad=True) if with_sinks else None
+    leaves = [q, k, v] + ([sinks] if with_sinks else [])
+    y = model.flex_attention_sinks(q, k, v, sinks, window, 1 / math.sqrt(D), True)
+    q64, k64, v64 = (x.double().transpose(1, 2) for x in (q, k, v))  # naive_attention's [B, heads, T, D]
+    y_ref = naive_attention(q64, k64.repeat_interleave(2, 1), v64.repeat_interleave(2, 1),
+                            sinks.double() if with_sinks else None, window).transpose(1, 2)
+    torch.testing.assert_close(y, y_ref.float(), atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(y_ref, leaves, g.double())):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_block_mask_is_built_once_per_shape_when_compiled_with_no_graph_break():
+    """Compiled, the first call of a shape builds its block mask in the graph and keeps it; every later call reads
+    that same mask (one recompile to do so), never builds one per layer or step, and nothing breaks the graph (a break
+    would split every compiled block). On the CPU, forward only (flex has no CPU backward), dynamo's eager backend."""
+    from torch._dynamo.utils import counters
+
+    import model
+
+    graphs = []
+    f = torch.compile(model.flex_attention_sinks, backend=lambda gm, ex: graphs.append(gm) or gm.forward)
+    torch._dynamo.reset()
+    counters.clear()
+    model._flex_masks.clear()
+    q, k, v = torch.randn(1, 200, 4, 16), torch.randn(1, 200, 2, 16), torch.randn(1, 200, 2, 16)
+    sinks = torch.randn(4)
+    with torch.no_grad():
+        y = f(q, k, v, sinks, 64, 0.25, True)
+        mask = model._flex_masks[(200, 64, "cpu")]
+        for _ in range(3):
+            assert torch.equal(f(q, k, v, sinks, 64, 0.25, True), y)
+    assert list(model._flex_masks) == [(200, 64, "cpu")] and model._flex_masks[(200, 64, "cpu")] is mask
+    assert len(graphs) == 2 and not counters["graph_break"], (len(graphs), dict(counters["graph_break"]))
+
+
 def test_the_sliding_masks_kept_for_reuse_are_at_most_eight():
     """block_mask keeps its masks for the shapes a run meets (building one costs about a sliding layer's attention),
     but no more than 8: generation or an eval at ever new shapes must not grow memory without end."""
