@@ -230,6 +230,8 @@ def flex_attention_sinks(q, k, v, sinks, window, scale, gqa):
     its mask in-graph and keeps it; the next recompiles once to read it: once per shape. Shapes as attention()'s."""
     T, key = q.shape[1], (q.shape[1], window, str(q.device))
     if key not in _flex_masks:
+        if len(_flex_masks) >= 8:  # a run meets a few shapes (training, eval, a prefill); past 8 the oldest goes
+            del _flex_masks[next(iter(_flex_masks))]
         _flex_masks[key] = create_block_mask(lambda b, h, i, j: (i >= j) & (i - j < (window or T)), None, None, T, T,
                                              device=q.device)
     y, aux = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=_flex_masks[key],
