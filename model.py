@@ -186,7 +186,7 @@ def apply_rope(x, cos, sin):
 
 
 def attention(q, k, v, sinks, window, causal=True, mask=None):
-    """Causal softmax attention with an optional window and per-head sink logits, on SDPA's fused CPU/GPU kernels.
+    """Causal softmax attention, optional window, per-head sinks: SDPA's fused kernels (compiled CUDA: flex_attention_sinks).
     q: [B, T, H, D]; k, v: [B, S, Hkv, D], H a multiple of Hkv (GQA: SDPA's enable_gqa shares each kv head, no
     copies); sinks: [H] or None; window: int or None. Returns [B, T, H, D]. The [B, T, heads, D] layout is the
     projections' own: SDPA reads its transpose as a strided view. causal=False: every query sees every key (one
