@@ -71,3 +71,22 @@ def test_readme_says_where_each_file_is():
     section = readme.split("\n## Where things are\n", 1)[1].split("\n## ", 1)[0]
     rows = [line.split("|")[1].strip().strip("`") for line in section.splitlines() if line.startswith("| `")]
     assert sorted(rows) == sorted(f"{f}.py" for f in top_level_files())
+
+
+def function_lengths(name):
+    """[(function, first line, lines)] for every def in name.py, nested ones included: from the def (or its first
+    decorator) to its last line."""
+    with open(os.path.join(ROOT, name + ".py")) as f:
+        tree = ast.parse(f.read())
+    return [(n.name, n.lineno, n.end_lineno - min([n.lineno] + [d.lineno for d in n.decorator_list]) + 1)
+            for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_train_py_is_phases_that_main_lists():
+    """Issue 22's budget: train.py reads as the story of one run, main() a list of phases that fits on a screen
+    (<= 60 lines), and no phase longer than 80."""
+    lengths = function_lengths("train")
+    main = [n for name, _, n in lengths if name == "main"]
+    assert main and main[0] <= 60, f"train.py main() is {main} lines: at most 60"
+    long = [f"{name} (line {line}): {n} lines" for name, line, n in lengths if n > 80]
+    assert not long, f"train.py functions over 80 lines: {long}"

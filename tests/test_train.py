@@ -76,6 +76,21 @@ def test_checkpoints_are_pruned_and_latest_points_at_the_newest(trained):
     assert beat["iter"] == 400 and beat["phase"] == "done"
 
 
+def test_constants_are_not_settings_neither_on_the_command_line_nor_in_config_json(trained, tmp_path):
+    """BAD_INPUT and NON_FINITE (exit codes) are upper-case constants of train.py, not settings (issue 22): a checkpoint's
+    config.json holds the settings and what the run adds, and --BAD_INPUT=7 is an unknown key, before any work."""
+    import train
+    from configurator import settings
+
+    _, out, _ = trained
+    saved = json.load(open(os.path.join(out, "ckpt_400", "config.json")))
+    assert (train.BAD_INPUT, train.NON_FINITE) == (2, 3) and not [k for k in saved if k.isupper()]
+    assert sorted(saved) == sorted([*settings(vars(train)), "tokenizer", "eot", "world_size", "saved_at"])
+    r = run_script("train.py", "--BAD_INPUT=7", f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown config key 'BAD_INPUT'" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_sample_py_reads_the_checkpoint(trained):
     _, out, _ = trained
     r = run_script("sample.py", f"--out_dir={out}", "--start=The function", "--num_samples=2", "--max_new_tokens=12")
