@@ -108,7 +108,7 @@ RULES = {
     "repetition_penalty": Rule(float, gt=0, off="1 = off"), "stop_at_eot": FLAG, "stream": FLAG,
     "stop": Rule(tuple, pattern=r"(?s).+", form="text, or a list of texts, none empty: --stop=END or --stop=\"['\\n\\n', 'END']\""),
     # data
-    "batch_size": POSITIVE, "block_size": POSITIVE, "grad_accum_steps": POSITIVE, "sync_grads_every_micro_step": FLAG,
+    "batch_size": POSITIVE, "eval_batch_size": Rule(int, ge=0, off="0 = batch_size"), "block_size": POSITIVE, "grad_accum_steps": POSITIVE, "sync_grads_every_micro_step": FLAG,
     "activation_checkpointing": FLAG, "loss_chunk": Rule(int, ge=0, off="0 = all at once"),
     # model (GPTConfig's fields; those train.py leaves at their defaults are bench.py settings)
     "vocab_size": POSITIVE, "n_layer": POSITIVE, "n_embd": ALIGNED, "n_head": POSITIVE, "n_kv_head": POSITIVE,

@@ -32,7 +32,7 @@ from configurator import ConfigError, check_device, configure
 from data_loader import DataError, DataLoader, build_data, decodable, get_tokenizer, needs_building
 from devices import compile_blocks, compiler_error, peak_flops, pick_device, pick_dtype, set_tf32, uncompile_blocks
 from export_hf import write_peft_adapter
-from generate import generate
+from generate import Stops, generate
 from model import GPT, GPTConfig
 from sizing import flops_per_token, param_counts
 from weights import adopt_base, fingerprint, load_weights
@@ -66,8 +66,12 @@ sample_every = 500  # print a text sample every N iterations (0 = never)
 sample_tokens = 64  # tokens per periodic sample
 temperature = 0.8  # the periodic sample's (0 = greedy)
 top_k = 200  # the periodic sample picks among the k likeliest tokens (0 = every token)
+top_p = 1.0  # then among the likeliest whose probabilities add up to top_p (1 = every token); sample.py's meanings
+min_p = 0.0  # then drops the tokens less likely than min_p times the likeliest (0 = off)
+repetition_penalty = 1.0  # ids already in the sample made less likely (1 = off); it ends at end-of-text
 # data
 batch_size = 8  # micro batch per device
+eval_batch_size = 0  # the evals' micro batch, at most batch_size (0 = batch_size): smaller on a device short of memory
 block_size = 256  # tokens per sequence: the context trained at
 grad_accum_steps = 1  # micro steps per optimizer step, over all ranks (as nanoGPT): each rank does grad_accum_steps / world_size
 sync_grads_every_micro_step = False  # FSDP: reduce-scatter after every micro step: sharded gradients (less memory), more traffic
@@ -344,9 +348,12 @@ def open_data(config, run):
                   flush=True)
             build_data(config.data_dir, config.data_recipe)
         barrier()
+    # an eval's micro batch is never above training's, so an eval never needs more memory than a step (safe_train.py
+    # halves batch_size after an out-of-memory stop, and the evals with it)
+    evals = min(config.eval_batch_size or config.batch_size, config.batch_size)
     run.train_data, run.val_data, run.train_eval = (
-        DataLoader(config.data_dir, split, config.batch_size, config.block_size, run.rank, run.world, config.vocab_size)
-        for split in ("train", "val", "train"))
+        DataLoader(config.data_dir, split, size, config.block_size, run.rank, run.world, config.vocab_size)
+        for split, size in (("train", config.batch_size), ("val", evals), ("train", evals)))
     run.meta = run.train_data.meta
 
 
@@ -913,15 +920,18 @@ def sample_text(config, run):
         run.tokenizer = get_tokenizer(run.meta["tokenizer"])
         run.allowed = torch.from_numpy(decodable(run.tokenizer, run.cfg.vocab_size)).to(run.dev)
     g = torch.Generator(device=run.dev).manual_seed(config.seed + run.iter_num)  # its own RNG: sampling never shifts training
-    start = torch.tensor([[run.meta.get("eot", 0)]], device=run.dev)
+    eot = run.meta.get("eot", 0)
+    ends = Stops(run.tokenizer, 1, {eot})  # a sample starts a document and ends with it, at the next end-of-text
     run.model.eval()
     try:
         with run.ctx:
-            out = generate(run.model, start, config.sample_tokens, temperature=config.temperature, top_k=config.top_k,
-                           generator=g, allowed=run.allowed)
+            generate(run.model, torch.tensor([[eot]], device=run.dev), config.sample_tokens, temperature=config.temperature,
+                     top_k=config.top_k, top_p=config.top_p, min_p=config.min_p, repetition_penalty=config.repetition_penalty,
+                     generator=g, allowed=run.allowed, on_token=ends.push)
     finally:
         run.model.train()
-    return run.tokenizer.decode(out[0, 1:].tolist())
+    ends.close()
+    return ends.text[0]
 
 
 def free_caches(run):

@@ -14,10 +14,11 @@ import torch
 from conftest import ROOT, TINY, full_only, run_script
 from generate import generate
 
-# 3 steps, an eval, a sample (its prefill and a one-token step against the cache) and a save; on the CPU, in fp32, on
-# any machine (the GPU check compares CUDA's compiled runs)
-RUN = [*TINY, "--device=cpu", "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--log_interval=1", "--sample_every=3",
-       "--sample_tokens=2", "--save_every=3", "--lr=3e-3", "--warmup_iters=0"]
+# 3 steps, an eval at another batch shape (3 rows, training's 8: a new shape for the compiled blocks, no grad), a sample
+# (its prefill and a one-token step against the cache) and a save; on the CPU, in fp32, on any machine (the GPU check
+# compares CUDA's compiled runs)
+RUN = [*TINY, "--device=cpu", "--max_iters=3", "--eval_interval=3", "--eval_iters=1", "--eval_batch_size=3", "--log_interval=1",
+       "--sample_every=3", "--sample_tokens=2", "--save_every=3", "--lr=3e-3", "--warmup_iters=0"]
 
 
 def train(data_dir, out, *extra, backend=None, nproc=1):

@@ -302,6 +302,21 @@ def test_the_periodic_sample_emits_only_decodable_ids_when_padded_ids_score_high
     assert open(os.path.join(out, "latest")).read() == "ckpt_2"
 
 
+def test_the_periodic_sample_ends_at_end_of_text_and_takes_the_sampling_controls(tmp_path, data_dir):
+    """A sample starts a document and ends with it: from a model whose likeliest token is always end-of-text, the
+    sample is empty (it printed 30 "<|endoftext|>" before), with sample.py's controls accepted and in range."""
+    from data_loader import get_tokenizer
+
+    eot = get_tokenizer("o200k_base:4096").eot_token
+    out = str(tmp_path / "run")
+    r = run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}",
+                   f"--init_from={padded_checkpoint(str(tmp_path / 'base'), loudest=[eot])}", "--max_iters=2", "--eval_interval=0",
+                   "--sample_every=2", "--sample_tokens=30", "--lr=1e-9", "--warmup_iters=0", "--plot=False",
+                   "--top_p=0.9", "--min_p=0.05", "--repetition_penalty=1.3")
+    assert r.returncode == 0, r.stderr
+    assert "sample 2 | ''" in r.stdout.splitlines(), r.stdout
+
+
 def test_a_sample_that_fails_turns_sampling_off_and_the_run_goes_on(tmp_path, data_dir):
     """A meta.json that names no tokenizer trains (the loader needs vocab_size and dtype), but cannot be sampled:
     whatever goes wrong inside the periodic sample is one line, and training and saving go on."""
@@ -330,3 +345,31 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     latest = open(os.path.join(out, "latest")).read()
     assert latest == f"ckpt_{bad_iter - 1}"  # the step that went bad was never applied nor saved
     assert all(math.isfinite(x["loss"]) for x in read_log(out))
+
+
+def test_eval_batch_size_sets_the_evals_micro_batch_and_leaves_training_alone(tmp_path, data_dir):
+    """The evals read eval_iters batches of eval_batch_size rows (a device short of memory evaluates in smaller
+    pieces): the logged val loss is the checkpoint's loss on the first val batch of that many rows, and the
+    training losses are those of a run without the setting. Above batch_size it is held to batch_size: an eval
+    never needs more memory than a training step."""
+    from data_loader import DataLoader
+    from weights import load_model
+
+    runs = {}
+    for eval_batch in (0, 3, 16):
+        out = str(tmp_path / f"eval{eval_batch}")
+        r = run_script("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
+                       "--eval_iters=1", f"--eval_batch_size={eval_batch}", "--plot=False", "--log_interval=1")
+        assert r.returncode == 0, r.stderr
+        runs[eval_batch] = out
+    logs = {b: read_log(out) for b, out in runs.items()}
+    assert [x["loss"] for x in logs[0] if "loss" in x] == [x["loss"] for x in logs[3] if "loss" in x]
+    model, _ = load_model(os.path.join(runs[3], "ckpt_2"))
+    x, y = DataLoader(data_dir, "val", 3, 64, 0, 1, 4097).next_batch()
+    with torch.no_grad():
+        want = model(x, y, loss_chunk=512)[1].item()
+    got = [x["val_loss"] for x in logs[3] if "val_loss" in x]
+    assert len(got) == 1 and math.isclose(got[0], want, rel_tol=0, abs_tol=1e-5), (got, want)
+    val = {b: next(x["val_loss"] for x in log if "val_loss" in x) for b, log in logs.items()}
+    assert not math.isclose(val[3], val[0], abs_tol=1e-5) and val[16] == val[0]  # 3 rows, not 8; 16 held to 8
+
