@@ -13,6 +13,7 @@ import difflib
 import math
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass
 
@@ -29,12 +30,19 @@ class ConfigError(BadInput):
 
 
 def run(main, *args):
-    """A script's __main__: main(*args), with a BadInput from anywhere under it as one line on stderr and exit 2."""
+    """A script's __main__: main(*args), with a BadInput from anywhere under it as one line on stderr and exit 2; and when
+    the reader of its output left (`python sample.py ... | head`), a quiet exit 141, as a shell reports `cat` ended by
+    SIGPIPE in `cat file | head`, instead of a BrokenPipeError's traceback."""
     try:
         return main(*args)
     except BadInput as e:
         print(f"{os.path.basename(sys.argv[0])}: {' '.join(str(e).splitlines())}", file=sys.stderr, flush=True)
         sys.exit(BAD_INPUT)
+    except BrokenPipeError:
+        if not stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):  # not the output's pipe: a crash, shown as one
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush of stdout would fail again
+        sys.exit(141)
 
 
 @dataclass(frozen=True)
@@ -243,6 +251,19 @@ def _parse_value(text):
         return text  # a bare string such as --device=cuda
 
 
+def _parse_texts(key, text):
+    r"""A setting of texts (--stop) from the command line: a Python list, tuple or quoted text, or else one text as typed,
+    read as the inside of a Python string: --stop='\n' is a newline, as in --stop="['\n']" (a backslash is \\), and
+    --stop=123 is the text 123."""
+    value = _parse_value(text)
+    if isinstance(value, (list, tuple)) or isinstance(value, str) and value != text:
+        return value
+    try:
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--{key}={text}: {e.reason}: write a backslash as \\\\")
+
+
 def _read_file(path):
     try:
         with open(path) as f:
@@ -296,7 +317,8 @@ def parse(argv, defaults, rest=None):
                     raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
                 i += 1
                 text = argv[i]
-            value = text if isinstance(defaults[key], str) else _parse_value(text)  # text settings take the text as typed
+            texts = isinstance(defaults[key], tuple) and getattr(RULES.get(key), "pattern", None)  # --stop
+            value = text if isinstance(defaults[key], str) else _parse_texts(key, text) if texts else _parse_value(text)
             out[key] = _coerce(key, value, defaults[key], f"--{key}")
         i += 1
     return out

@@ -7,6 +7,8 @@ or on many under torchrun (FSDP2, one process per GPU):
 Every setting below can be changed by a config file or --key=value. The run checkpoints to out_dir and
 resumes from out_dir/latest by itself. SIGTERM / Ctrl-C: finish the step, save, exit 0.
 SIGUSR1: free cached memory now. A heartbeat file in out_dir tells safe_train.py how the run is doing.
+The story of a run is main(), at the end: it calls the phases in the order they come here, after the settings, the
+run's state (RunState) and the collectives.
 """
 import gc
 import json
@@ -160,6 +162,48 @@ def fail(msg, code=BAD_INPUT):
     sys.exit(code)
 
 
+def stop_now(signum, frame):
+    """SIGINT or SIGTERM when there is no step to finish and save (set-up, eval_only), or a second one (the user means
+    it): one line, and the process ends at once, 128 + the signal's number (as a shell reports it). A rerun loses
+    nothing: latest names a complete checkpoint, and a save cut short leaves a temporary folder the next start
+    removes. Not KeyboardInterrupt: DCP wraps one raised inside a load into an error that blames the checkpoint
+    ("cannot read ckpt_N: move it away"), and one inside a save into its own traceback."""
+    try:
+        sys.stdout.flush()
+        print(f"train.py: stopped at once ({signal.Signals(signum).name}): nothing saved since the last checkpoint, which a "
+              f"rerun resumes from", file=sys.stderr, flush=True)
+    finally:  # also when stderr's reader has gone too (2>&1 | tee)
+        os._exit(128 + signum)
+
+
+class Console:
+    """Rank 0's stdout, which outlives its reader: in `python train.py ... | tee run.log` a Ctrl-C ends tee first, and
+    the signal's own line would raise BrokenPipeError and end the run unsaved. Once the reader is gone, stdout (this
+    process's and its children's) goes to /dev/null and the run goes on as if it were there; log.jsonl has the numbers."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.reader_gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.reader_gone()
+
+    def reader_gone(self):  # the stream's buffered text then drains into /dev/null, at exit too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...
+        return getattr(self.stream, name)
+
+
 @dataclass
 class RunState:
     """What the phases of one run share: where it runs, its data, model and optimizer, how far it got, and the
@@ -311,8 +355,8 @@ def set_up(config):
         GPTConfig.from_dict(vars(config)).check_recursion()
     except ValueError as e:  # model.py raises plain ValueErrors: it imports nothing of ours
         raise ConfigError(str(e))
-    if not master:
-        sys.stdout = open(os.devnull, "w")  # one voice: rank 0 prints; errors (stderr) still come from every rank
+    # one voice: rank 0 prints (to a console that may go away); errors (stderr) still come from every rank
+    sys.stdout = Console(sys.stdout) if master else open(os.devnull, "w")
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dt]
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -594,7 +638,7 @@ def catch_signals(run):
     another runs a forward)."""
     def on_stop(signum, frame):
         if run.flags["stop"]:  # second Ctrl-C: the user means it
-            raise KeyboardInterrupt
+            stop_now(signum, frame)
         run.flags["stop"] = True
         print(f"signal {signal.Signals(signum).name}: stopping at the next micro step, then saving", flush=True)
 
@@ -992,7 +1036,10 @@ def finish(config, run):
 
 def main():
     # ---- set-up: nothing in out_dir is touched until settings, processes, device and data are good. A bad input
-    # anywhere is a BadInput (ConfigError, DataError, ...): one line and exit 2 (configurator.run)
+    # anywhere is a BadInput (ConfigError, DataError, ...): one line and exit 2 (configurator.run). A signal before the
+    # loop's own handlers (catch_signals) finds nothing to save: it ends the process at once
+    signal.signal(signal.SIGINT, stop_now)
+    signal.signal(signal.SIGTERM, stop_now)
     config, base = read_settings()
     run = set_up(config)
     open_data(config, run)

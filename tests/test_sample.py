@@ -270,3 +270,39 @@ def test_sample_py_stops_at_a_stop_string_and_streams_the_text_it_prints_at_the_
     want = "The function" + text[:text.index(stop)] + "\n---------------\n"
     r = run_script("sample.py", *args, f"--stop={stop}")
     assert r.stdout == want and "1 x 40 tokens" not in r.stderr, (stop, r.stderr)
+
+
+def test_a_stop_typed_as_plain_text_is_that_text_with_python_escapes(tmp_path):
+    r"""--stop='\n' (a backslash and an n, as a shell passes it) is a newline, as it is inside --stop="['\n']": it was
+    the two characters, which the text never holds, so the sample ran on. --stop=123 is the text 123 (it was refused:
+    "wants a tuple")."""
+    import sample
+    from configurator import configure, settings
+    from data_loader import get_tokenizer
+
+    enc = get_tokenizer(TOKENIZER)
+    out = padded_checkpoint(str(tmp_path / "run"), loudest=[enc.encode_ordinary("\n")[0]])  # says "\n" and nothing else
+    r = run_script("sample.py", f"--out_dir={out}", "--start=The function", "--temperature=0", "--max_new_tokens=20", r"--stop=\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "The function\n---------------\n" and "1 x 1 tokens" in r.stderr, (r.stdout, r.stderr)
+    scope = {k: vars(sample)[k] for k in settings(vars(sample))}
+    assert [configure(dict(scope), [arg])["stop"] for arg in ("--stop=123", r"--stop=a\\n", "--stop='END'")] == [
+        ("123",), ("a\\n",), ("END",)]
+
+
+def test_a_reader_that_leaves_ends_sample_py_quietly(tmp_path):
+    """`python sample.py ... | head -c 50`: the streamed text's next print met a pipe with no reader, and a
+    BrokenPipeError's traceback followed. Now the script ends there, silent, with the code a shell gives `cat` in
+    `cat file | head`: 141."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = padded_checkpoint(str(tmp_path / "run"))
+    p = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={out}", "--max_new_tokens=2000", "--stop_at_eot=False"],
+                         cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(p.stdout.read(50)) == 50
+    p.stdout.close()
+    stderr = p.stderr.read()
+    assert p.wait(timeout=120) == 141 and stderr == b"", stderr.decode()

@@ -373,3 +373,49 @@ def test_eval_batch_size_sets_the_evals_micro_batch_and_leaves_training_alone(tm
     val = {b: next(x["val_loss"] for x in log if "val_loss" in x) for b, log in logs.items()}
     assert not math.isclose(val[3], val[0], abs_tol=1e-5) and val[16] == val[0]  # 3 rows, not 8; 16 held to 8
 
+
+
+def test_a_reader_that_leaves_does_not_end_the_run(tmp_path, data_dir):
+    """`python train.py ... | tee run.log` and Ctrl-C: tee ends first, and the signal's own line went into a pipe with
+    no reader (BrokenPipeError): a traceback, exit 1, nothing saved. The console is optional: the run stops as
+    asked, saves, and exits 0, with every step in log.jsonl."""
+    out = str(tmp_path / "run")
+    p = subprocess.Popen([sys.executable, "train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=400",
+                          "--eval_interval=0", "--log_interval=1", "--save_every=1000", "--plot=False"],
+                         cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("iter 3 |"):
+            break
+    p.stdout.close()  # the reader is gone
+    p.send_signal(signal.SIGINT)
+    stderr = p.stderr.read()
+    assert p.wait(timeout=120) == 0 and stderr == "", stderr
+    saved = int(open(os.path.join(out, "latest")).read()[5:])
+    assert 3 <= saved < 400 and [x["iter"] for x in read_log(out)] == list(range(1, saved + 1))
+
+
+def test_a_signal_with_no_step_to_finish_or_a_second_one_stops_at_once_in_one_line(tmp_path, data_dir):
+    """Ctrl-C while eval_only scores a checkpoint, and a second Ctrl-C during a training run's eval: the process ends
+    now, in one line, exit 130 (a KeyboardInterrupt's traceback before; inside a checkpoint load, DCP made it "cannot
+    read ckpt_N: move it away"). Nothing the run had saved is touched."""
+    def start_and_interrupt(args, ready, signals):
+        p = subprocess.Popen([sys.executable, "train.py", *TINY, f"--data_dir={data_dir}", *args, "--plot=False"], cwd=ROOT,
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for wait_for in (ready, "signal SIGINT")[:signals]:
+            for line in p.stdout:
+                if line.startswith(wait_for):
+                    break
+            p.send_signal(signal.SIGINT)
+        stdout, stderr = p.communicate(timeout=120)
+        return p.returncode, stderr
+
+    base = padded_checkpoint(str(tmp_path / "base"))
+    rc, stderr = start_and_interrupt([f"--out_dir={tmp_path / 'none'}", f"--init_from={base}", "--eval_only=True",
+                                      "--eval_iters=400"], "initialised from", 1)
+    line = "train.py: stopped at once (SIGINT): nothing saved since the last checkpoint, which a rerun resumes from\n"
+    assert rc == 130 and stderr == line, stderr
+    out = tmp_path / "run"
+    rc, stderr = start_and_interrupt([f"--out_dir={out}", "--max_iters=4", "--eval_interval=2", "--eval_iters=400", "--log_interval=1",
+                                      "--save_every=1000"], "iter 2 |", 2)
+    assert rc == 130 and stderr == line, stderr
+    assert sorted(os.listdir(out)) == [".lock", "heartbeat.json", "log.jsonl"]  # no checkpoint, none half-made
