@@ -29,7 +29,9 @@ def load_meta(data_dir):
     try:
         with open(path) as f:
             meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror}): check its permissions, or prepare the data again")
+    except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON ({e}): rewrite it or prepare the data again")
     for key in ("vocab_size", "dtype"):
         if key not in meta:

@@ -178,6 +178,7 @@ def adopt_base(config):
     (not block_size, the context trained at, nor lora_*, the adapters). Updates config; returns (the settings
     that changed, kind, path). train.py and safe_train.py's estimate both see the model this way."""
     settings, kind, path = base_settings(config["init_from"])
+    settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}  # JSON has lists, settings tuples
     changed = {k: settings[k] for k in GPTConfig.__dataclass_fields__ if k in settings and settings[k] != config.get(k)
                and k != "block_size" and not k.startswith("lora_")}
     config.update(changed)

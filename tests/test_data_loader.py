@@ -75,6 +75,10 @@ def test_refusals_are_one_line(tmp_path):
         f.write(b"\0")  # half a token
     with pytest.raises(DataError, match="train.bin is truncated"):
         DataLoader(b, "train", 4, 16)
+    u = str(tmp_path / "unreadable")
+    os.makedirs(os.path.join(u, "meta.json"))  # read as root, a folder is what fails to open (a 0000 file would not)
+    with pytest.raises(DataError, match="meta.json cannot be read .Is a directory.: check its permissions"):
+        DataLoader(u, "train", 4, 16)
 
 
 def test_truncated_o200k_is_a_consistent_small_bpe():

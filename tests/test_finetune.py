@@ -33,6 +33,7 @@ def test_lora_finetune_trains_adapters_only_and_leaves_the_base_alone(tmp_path, 
     r = run_script("train.py", *finetune_args(base, data_dir, out))
     assert r.returncode == 0, r.stderr
     assert "base from" in r.stdout and "frozen" in r.stdout
+    assert "replace the config's" not in r.stdout, r.stdout  # the same model settings (a tuple read back as a list is one)
     assert tree_digest(os.path.join(base, "ckpt_20")) == before  # byte-identical
     saved = FileSystemReader(os.path.join(out, "ckpt_12")).read_metadata().state_dict_metadata
     model_keys = [k for k in saved if k.startswith("model.")]
