@@ -3,6 +3,7 @@ Training speed, measured: tokens/s, MFU, the MoE's overhead over an equal-FLOP d
 the same model in Hugging Face transformers (GptOssForCausalLM) side by side.
     python bench.py                          # config/mac_micro.py's shape, on whatever device train.py would pick
     python bench.py config/8b_moe.py --n_layer=2 --batch_size=1 --device=cuda
+    python bench.py --decode=True            # decoding tok/s instead: the KV cache and rerunning the context, batch 1 and 8
 A step is what train.py does: forward, loss + router losses, backward, gradient clipping, AdamW. Runs
 alternate (ours, HF, ours, HF, ...) and medians are reported, since shared machines are noisy.
 MFU: model FLOPs (sizing.flops_per_token) per second over the device's peak: on CUDA the GPU's dense bf16
@@ -35,6 +36,9 @@ dense = True  # also time the equal-FLOP dense model for the MoE overhead
 loss_chunk = 512  # as train.py: the loss fused with its gradient, 512 tokens at a time
 layer_T = 4096  # the per-layer line: one sliding and one full layer (attention alone, then the whole block), forward +
 # backward at this sequence length, batch 1; 0 = skip
+decode = False  # instead of training steps: decoding (generate.py, greedy) with and without the KV cache, batch 1 and 8
+prompt_tokens = 400  # --decode: the prompt's length
+max_new_tokens = 200  # --decode: new tokens per timed run with the cache (without it, an eighth: each one reruns the context)
 # train.py settings that config files may set; accepted (None takes any value) and ignored here
 out_dir = data_dir = grad_accum_steps = lr = min_lr = warmup_iters = lr_decay_iters = max_iters = None
 eval_interval = eval_iters = save_every = sample_every = log_interval = keep_last_n = None
@@ -141,6 +145,40 @@ def layer_step_fns(cfg, dev, ctx, T, use_compile=False):
     return fns
 
 
+def decode_rows(cfg, dev, dt, use_compile):
+    """Decoding tokens/s, medians of interleaved rounds: the KV cache (and, with use_compile, its compiled one-token
+    step: generate.compile_decode) and rerunning the context, at batch 1 and 8 (one prompt, repeated as sample.py's
+    --num_samples repeats it). Random weights: greedy tokens from them cost what a trained model's do."""
+    from generate import compile_decode, generate
+
+    torch.manual_seed(0)
+    model = GPT(cfg).to(dev, dt).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_tokens), device=dev)
+    runs = {f"{how}, batch {b}": (how, b) for how in ("KV cache", "no cache") + (("KV cache, compiled",) if use_compile else ())
+            for b in (1, 8)}
+
+    def run(how, b, n):
+        compile_decode(model, how.endswith("compiled"))
+        sync(dev)
+        t = time.perf_counter()
+        generate(model, prompt.expand(b, -1), n, temperature=0, use_cache=how != "no cache")
+        sync(dev)
+        return time.perf_counter() - t
+
+    def tokens(how):
+        return max(1, max_new_tokens // 8) if how == "no cache" else max_new_tokens
+    for how, b in runs.values():  # warm-up: allocations; the compile and its CUDA graph (for these very shapes: the cache
+        run(how, b, tokens(how))  # is as long as prompt and new tokens together)
+    times = {k: [] for k in runs}
+    for r in range(rounds):
+        for name, (how, b) in runs.items():
+            times[name].append(run(how, b, tokens(how)))
+            print(f"round {r + 1} {name:28s} {b * tokens(how) / times[name][-1]:8.1f} tok/s", flush=True)
+    print(f"\n| decoding ({prompt_tokens}-token prompt, greedy) | new tokens | tok/s |\n| --- | --- | --- |")
+    for name, (how, b) in runs.items():
+        print(f"| {name} | {tokens(how)} | {b * tokens(how) / statistics.median(times[name]):,.1f} |")
+
+
 def timed(step, x, dev, n):
     sync(dev)
     t = time.perf_counter()
@@ -195,6 +233,8 @@ def main():
     print(f"model: {n['total'] / 1e6:.1f}M parameters, {n['active'] / 1e6:.1f}M active | batch {batch_size} x {block_size} | "
           f"{fpt / 1e6:.0f} MFLOP per token | device {dev} | dtype {dt_name} | compile {use_compile} | "
           f"tf32 {'on' if tf32 else 'off'}", flush=True)
+    if decode:
+        return decode_rows(cfg, dev, dt, use_compile)
     x = torch.randint(0, cfg.vocab_size, (batch_size, block_size), device=dev)
 
     runners = {"nanoOSS": our_step_fn(cfg, dev, ctx, use_compile)}

@@ -167,6 +167,7 @@ RULES = {
     "work_dir": NAME, "minutes": Rule(float, ge=0, off="0 = 6 on CUDA, 30 on CPU"),
     "jobs": Rule(int, ge=0, off="0 = 4 on CUDA, 1 on CPU"), "only": TEXT, "prepare": FLAG, "iters": POSITIVE,
     "lora_base": TEXT, "gpu_check": FLAG, "results": TEXT,
+    "decode": FLAG, "prompt_tokens": POSITIVE, "against": TEXT,
 }
 
 # Settings that must fit together, checked when a script has them all (and none is None): the keys, the test, the line.

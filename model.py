@@ -367,35 +367,27 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, pos=None, active=None):
         """pos [B, T]: the positions of tokens gathered from a longer sequence (sorted), which set causality and
-        the window; active [B, T]: which tokens are keys at this depth (the others' outputs are discarded)."""
+        the window; active [B, T]: which tokens are keys at this depth (the others' outputs are discarded); cache:
+        this layer's generate.KVCache, which keeps the keys and values after RoPE (a prompt, then one token at a time)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [(B,) T, 1, D/2]: one rotation per position, for every head
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        causal, seen = True, active
-        if cache is not None:  # generation: keys and values of earlier positions, kept after RoPE
-            if cache.get("k") is not None:  # one new token against them
-                assert T == 1, "decode one token at a time after the prefill"
-                k, v, causal = torch.cat([cache["k"], k], dim=1), torch.cat([cache["v"], v], dim=1), False
-                if active is not None:
-                    seen = torch.cat([cache["active"], active], dim=1)
-            # a sliding layer keeps only the window - 1 keys the next token may still see: memory bounded by the window
-            keep = k.shape[1] if self.window is None else min(k.shape[1], self.window - 1)
-            cache["k"], cache["v"] = k[:, k.shape[1] - keep:], v[:, v.shape[1] - keep:]
-            if seen is not None:
-                cache["active"] = seen[:, seen.shape[1] - keep:]
+        if cache is not None and T == 1:  # a one-token step of generation: attention over the whole static cache
+            return self.o_proj(cache.step(q, k, v, active, self.sinks).reshape(B, T, self.n_head * self.head_dim))
+        if cache is not None:  # the prefill: the cache keeps the prompt's keys and values
+            cache.prefill(k, v, active)
         mask = None
         if pos is not None:
             d = pos[:, :, None] - pos[:, None, :]
             mask = (d >= 0) & (d < self.window) if self.window else d >= 0
-        elif seen is not None:  # keys still active at this depth; every query sees itself (so no row is empty)
-            S = k.shape[1]
-            i, j = torch.arange(S - T, S, device=x.device)[:, None], torch.arange(S, device=x.device)[None, :]
-            near = (i >= j) & ((i - j < self.window) if self.window and causal else True)
-            mask = (near & seen[:, None, :]) | (i == j)
-        y = attention(q, k, v, self.sinks, self.window, causal, mask)
+        elif active is not None:  # keys still active at this depth; every query sees itself (so no row is empty)
+            i, j = torch.arange(T, device=x.device)[:, None], torch.arange(T, device=x.device)[None, :]
+            near = (i >= j) & ((i - j < self.window) if self.window else True)
+            mask = (near & active[:, None, :]) | (i == j)
+        y = attention(q, k, v, self.sinks, self.window, mask=mask)
         return self.o_proj(y.reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -651,15 +643,18 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, cache=None, pos=0, loss_chunk=0, mor_topk=None):
         """Returns (logits, loss, stats). loss is the LM cross-entropy alone; stats holds the router's
         raw aux and z losses (means over layers) and the per-layer expert counts [n_layer, n_expert],
-        so the caller chooses the coefficients and logs the raw values. Generation passes a cache (one dict
-        per layer, see generate.py) and the position of idx's first token. loss_chunk: the loss this many tokens at
+        so the caller chooses the coefficients and logs the raw values. Generation passes a cache (generate.KVCache
+        per applied layer) and idx's first position (an int, or [T] positions). loss_chunk: the loss this many tokens at
         a time, fused with its gradient when training, so the [tokens, vocab] logits never exist whole (0 = all at
         once; logits are then returned, else None). mor_topk (expert-choice recursion): None, top-k over the
         sequence while training and the causal threshold otherwise; True / False force one."""
         B, T = idx.shape
         assert cache is not None or T <= self.cfg.block_size, f"sequence of {T} tokens is longer than block_size {self.cfg.block_size}"
-        assert pos + T <= len(self.rope_cos), f"position {pos + T} is past the RoPE tables ({len(self.rope_cos)})"
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        if torch.is_tensor(pos):  # [T] on the device (generate.decode_step): one graph for every position, no host sync
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        else:
+            assert pos + T <= len(self.rope_cos), f"position {pos + T} is past the RoPE tables ({len(self.rope_cos)})"
+            cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
         x = self.embed_tokens(idx)
         if self.mor_router is None:
             x, per_layer = self.run_layers(range(len(self.plan)), x, cos, sin, cache)

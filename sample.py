@@ -35,8 +35,8 @@ stream = True  # with num_samples 1, print the text as it comes (False: at the e
 seed = 1337
 device = "auto"
 dtype = "auto"  # auto: as train.py picks: bfloat16 on CUDA (float16 without bf16) and on MPS from macOS 14, else float32
-compile = False  # torch.compile the model's blocks (CUDA: faster decoding after a compile of a minute or so); on a
-# compiler error the samples are made eager, the same tokens
+compile = False  # torch.compile the one-token step (generate.compile_decode; on CUDA replayed as one CUDA graph per
+# token); on a compiler error the samples are made eager, the same tokens
 use_cache = True  # False: rerun the whole context for every token (slow; the reference the tests compare with)
 chat = False  # wrap --start as a user turn in the chat template the fine-tune was trained with, print the answer only
 
@@ -56,9 +56,8 @@ def main():
     import checkpoint
     from configurator import ConfigError, check_device, configure
     from data_loader import decodable, get_tokenizer
-    from devices import compile_blocks, compiler_error, pick_device, pick_dtype, set_tf32, uncompile_blocks
-    from generate import Stops
-    from generate import generate as generate_ids
+    from devices import compiler_error, pick_device, pick_dtype, set_tf32
+    from generate import Stops, compile_decode, generate as generate_ids
     from weights import load_model
 
     configure(globals())
@@ -94,7 +93,7 @@ def main():
     x = torch.tensor([ids] * num_samples, device=dev)
     allowed = torch.from_numpy(decodable(enc, model.cfg.vocab_size)).to(dev)  # never an id the tokenizer cannot decode
     if compile:
-        compile_blocks(model)
+        compile_decode(model)
 
     head = "" if chat else enc.decode(ids)  # plain text comes after its prompt; a chat's answer alone
     streaming = stream and num_samples == 1
@@ -127,7 +126,7 @@ def main():
         if not (compile and compiler_error(e)):
             raise
         print(f"sample.py: compile off ({compiler_error(e)}): sampling eager", file=sys.stderr, flush=True)
-        uncompile_blocks(model)
+        compile_decode(model, False)
         t = time.time()
         y = generate()
     seconds = time.time() - t

@@ -548,6 +548,20 @@ def sample_compiled(r):
     return how + (" (dry run: compile off)" if DRY else "")
 
 
+@row("bench.py --decode: mac_micro, bf16, batch 1 and 8, eager and compiled", 240, alone=True)
+def bench_decode(r):
+    dry = ["--device=cpu", "--n_layer=2", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--head_dim=32", "--intermediate_size=64",
+           "--vocab_size=4096", "--prompt_tokens=32", "--max_new_tokens=16", "--rounds=1"] if DRY else ["--rounds=3"]
+    # compiled: generate.compile_decode, mode reduce-overhead (one CUDA graph per token); greedy, 400-token prompt
+    rc, text = r.sh(PY, "bench.py", "config/mac_micro.py", "--decode=True", f"--compile={not DRY}", *dry)
+    r.expect(rc == 0, f"bench.py exited {rc}: {last_line(text)}")
+    got = {name: float(v.replace(",", "")) for name, v in re.findall(r"^\| ((?:KV|no) cache[^|]*?) \| \d+ \| ([\d,.]+) \|$", text, re.M)}
+    kinds = ["KV cache", "no cache"] + ([] if DRY else ["KV cache, compiled"])
+    r.expect(len(got) == 2 * len(kinds), f"bench.py's decode table has {len(got)} of its {2 * len(kinds)} rows: {last_line(text)}")
+    r.tok_s = got[f"{'KV cache' if DRY else 'KV cache, compiled'}, batch 1"]
+    return "; ".join(f"{k}: " + ", ".join(f"batch {b} {got[f'{k}, batch {b}']:,.0f}" for b in (1, 8)) + " tok/s" for k in kinds)
+
+
 @row("profile: 8b_moe 2-layer slice, compiled (bench/profile_step.py)", 150, alone=True)
 def profile_8b(r):
     dry = ["--device=cpu", "--compile=False", "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--head_dim=32",

@@ -1,4 +1,5 @@
 """bench.py runs and reports (how fast is BENCH.md's business, not a test's)."""
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,16 @@ def test_bench_runs_and_prints_the_side_by_side_table():
     assert "matmul probe" in out and "peak memory of this process" in out
     tok_s = float(out.split("| nanoOSS |")[1].split("|")[1].replace(",", ""))
     assert tok_s > 0
+
+
+def test_bench_decode_reports_tokens_per_second_with_and_without_the_cache_at_batch_1_and_8():
+    r = subprocess.run([sys.executable, "bench.py", *SMALL, "--decode=True", "--prompt_tokens=16", "--max_new_tokens=8"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = re.findall(r"^\| (KV cache|no cache), batch (\d) \| (\d+) \| ([\d,.]+) \|$", r.stdout, re.M)
+    assert sorted((how, b, n) for how, b, n, _ in rows) == [("KV cache", "1", "8"), ("KV cache", "8", "8"), ("no cache", "1", "1"),
+                                                             ("no cache", "8", "1")], r.stdout
+    assert all(float(tok_s.replace(",", "")) > 0 for *_, tok_s in rows)
 
 
 @full_only

@@ -168,3 +168,41 @@ def test_compiled_greedy_generation_gives_the_eager_tokens(eager, tmp_path):
     assert all(r.returncode == 0 for r in runs), runs[1].stderr[-3000:]
     assert "compile off" not in runs[1].stderr and "compile on" in runs[1].stderr
     assert runs[1].stdout == runs[0].stdout
+
+
+def test_one_token_steps_compiled_with_dynamic_false_run_every_token_on_the_first_steps_graphs():
+    """generate.compile_decode (sample.py --compile=True): the static cache gives every one-token step the same shapes
+    and reads the position on the device, so what dynamo compiled for the first step serves every later token. With
+    recompiles made errors, 12 more tokens (past the window of 16: the sliding layers' rings wrap) compile nothing new
+    and give the eager step's logits. On the CPU the experts run eagerly between graphs (model.Experts); on CUDA in
+    bf16 the step is one graph."""
+    from torch._dynamo.utils import counters
+
+    from generate import compile_decode, decode_step, new_cache, prefill
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)  # TINY's shape
+    model = GPT(GPTConfig(vocab_size=4097, block_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, head_dim=16, n_expert=4,
+                          experts_per_token=2, intermediate_size=64, sliding_window=16, tie_embeddings=True)).eval()
+    prompt = torch.randint(0, 4097, (2, 20))
+    compiled, eager = new_cache(model, 2, 40), new_cache(model, 2, 40)
+    torch._dynamo.reset()
+    counters.clear()
+    step = compile_decode(model).decode_step
+    try:
+        with torch.no_grad():
+            ids = prefill(model, prompt, compiled)[:, -1].argmax(-1, keepdim=True)
+            prefill(model, prompt, eager)
+            logits = step(model, ids, compiled)
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs > 0
+            with torch._dynamo.config.patch(error_on_recompile=True, suppress_errors=False):
+                for _ in range(12):
+                    torch.testing.assert_close(logits, decode_step(model, ids, eager), atol=1e-5, rtol=1e-5)
+                    ids = logits[:, -1].argmax(-1, keepdim=True)
+                    logits = step(model, ids, compiled)
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert compiled[0].pos.item() == eager[0].pos.item() + 1 == 33
+    finally:
+        compile_decode(model, False)
+        torch._dynamo.reset()

@@ -1,5 +1,6 @@
 """What a CUDA GPU must agree with: fp32 logits equal the CPU's, KV-cache decoding gives the tokens of rerunning the
-context, a compiled model gives the eager model's loss and gradients. They skip without CUDA; on a GPU,
+context, a compiled model gives the eager model's loss and gradients, decoding compiled into CUDA graphs the eager
+logits. They skip without CUDA; on a GPU,
 `python bench/gpu_check.py` runs them (`python -m pytest -q -m cuda tests`)."""
 import pytest
 import torch
@@ -108,3 +109,34 @@ def test_compiled_attention_on_cuda_runs_flex_and_equals_the_naive_reference_wit
         g = torch.randn_like(y)
         for name, a, b in zip("q k v sinks".split(), torch.autograd.grad(y, leaves, g), torch.autograd.grad(y_ref, leaves, g.double())):
             assert rel(a, b) < 1e-4, (with_sinks, name, rel(a, b))
+
+
+def test_decoding_compiled_into_cuda_graphs_gives_the_eager_logits_in_bf16_and_compiles_once():
+    """sample.py --compile=True on a GPU: generate.compile_decode, mode reduce-overhead, over the static cache. In bf16
+    (the experts' grouped matmul inside the graph), 60 one-token steps past the sliding window of 64, fed the same
+    tokens as the eager steps, give their logits, and the steps after the first compile nothing new."""
+    from torch._dynamo.utils import counters
+
+    from generate import compile_decode, decode_step, new_cache, prefill
+
+    model = random_model(n_layer=2).cuda().to(torch.bfloat16).eval()
+    tokens = torch.randint(0, SHAPE["vocab_size"], (2, 160), device="cuda")
+    eager, graphed = new_cache(model, 2, 160), new_cache(model, 2, 160)
+    torch._dynamo.reset()
+    counters.clear()
+    step = compile_decode(model).decode_step
+    try:
+        with torch.no_grad():
+            prefill(model, tokens[:, :100], eager)
+            prefill(model, tokens[:, :100], graphed)
+            for t in range(100, 160):
+                want = decode_step(model, tokens[:, t:t + 1], eager)
+                torch.compiler.cudagraph_mark_step_begin()
+                got = step(model, tokens[:, t:t + 1], graphed)
+                assert rel(got.float(), want.float()) < 2e-2, t
+                if t == 100:
+                    graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+    finally:
+        compile_decode(model, False)
+        torch._dynamo.reset()

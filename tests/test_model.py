@@ -339,33 +339,83 @@ def test_expert_loop_matches_grouped_mm_with_one_host_sync_per_layer(monkeypatch
     assert len(calls) == 1
 
 
-def test_kv_cache_generates_the_tokens_and_logits_of_the_uncached_path():
-    """A prompt longer than the sliding window, sinks on and non-zero: greedy decoding with the cache equals
-    rerunning the whole context each step, token for token, and each step's logits agree."""
+def recorded_steps(monkeypatch):
+    """generate.py's prefill and one-token step, wrapped: [(kind, its cache, the logits [B, vocab] of the token it
+    gives)] for every token that generate picks, in order."""
+    import generate as gen
+
+    seen = []
+    for name in ("prefill", "decode_step"):
+        def wrapped(model, ids, cache, fn=getattr(gen, name), name=name):
+            logits = fn(model, ids, cache)
+            seen.append((name if name == "decode_step" else ids.shape[1], cache, logits[:, -1].float().clone()))
+            return logits
+        monkeypatch.setattr(gen, name, wrapped)
+    return seen
+
+
+def rerun_logits(model, tokens, n, start=lambda length: 0):
+    """The logits [B, vocab] behind the last n of tokens [B, T], each from a forward over its context alone (no
+    cache), the context starting at start(its length)."""
+    with torch.no_grad():
+        return [model(tokens[:, start(t):t])[0][:, -1] for t in range(tokens.shape[1] - n, tokens.shape[1])]
+
+
+def test_static_kv_cache_generates_the_tokens_and_logits_of_rerunning_the_context(monkeypatch):
+    """A prompt longer than the sliding window, sinks on and non-zero: greedy decoding with the static cache equals
+    rerunning the whole context each step, token for token, and each step's logits agree within 1e-5. The cache is
+    allocated once: the full layers' buffers hold the whole text, the sliding layers' only their window (a ring)."""
     torch.manual_seed(0)
     m = GPT(tiny(block_size=128, sliding_window=8, n_layer=4)).eval()
     with torch.no_grad():
         for b in m.layers:
             b.self_attn.sinks.normal_(0, 1.0)
     prompt = torch.randint(0, 97, (2, 30))
+    steps = recorded_steps(monkeypatch)
     cached = generate(m, prompt, 40, temperature=0)
-    plain = generate(m, prompt, 40, temperature=0, use_cache=False)
-    assert torch.equal(cached, plain)
-    cache = [{} for _ in m.layers]
-    with torch.no_grad():
-        step = m(prompt, cache=cache)[0][:, -1]
-        for t in range(30, 70):
-            ref = m(cached[:, :t])[0][:, -1]
-            torch.testing.assert_close(step, ref, atol=1e-5, rtol=1e-5)
-            step = m(cached[:, t:t + 1], cache=cache, pos=t)[0][:, -1]
-    assert all(c["k"].shape[1] == (7 if b.self_attn.window else 70) for c, b in zip(cache, m.layers))  # bounded by the window
+    assert torch.equal(cached, generate(m, prompt, 40, temperature=0, use_cache=False))
+    assert [kind for kind, _, _ in steps] == [30] + ["decode_step"] * 39
+    for (_, _, got), want in zip(steps, rerun_logits(m, cached, 40)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    cache = steps[0][1]
+    assert all(c is cache for _, c, _ in steps)
+    assert [c.keys.shape[2] for c in cache] == [8 if m.cfg.layer_is_sliding(i) else 70 for i in range(4)]  # slots
 
 
-def test_yarn_model_generates_past_its_block_size_with_the_cache():
+def test_yarn_model_generates_past_its_block_size_with_the_cache(monkeypatch):
+    """Past block_size (32) and within the YaRN reach (128): the reference for each token is one prefill over the whole
+    sequence with the cache on (an uncached forward stops at block_size)."""
+    from generate import new_cache, prefill
+
     torch.manual_seed(0)
     m = GPT(tiny(block_size=32, rope_scaling_factor=4.0, initial_context_length=32)).eval()
+    steps = recorded_steps(monkeypatch)
     out = generate(m, torch.randint(0, 97, (1, 20)), 60, temperature=0)
     assert out.shape == (1, 80)  # 80 positions: past block_size 32, within the YaRN reach of 128
+    with torch.no_grad():
+        for t, (_, _, got) in zip(range(20, 80), steps):
+            want = prefill(m, out[:, :t], new_cache(m, 1, t))[:, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert out[0, t] == want.argmax()
+
+
+def test_past_the_rope_reach_the_static_cache_cuts_the_context_to_its_last_half_and_prefills_again(monkeypatch):
+    """Plain RoPE reaches block_size (32): when the text fills it, the last 16 tokens are prefilled again at positions
+    0..15, and the tokens that follow are those of rerunning that cut context."""
+    torch.manual_seed(0)
+    m = GPT(tiny(block_size=32)).eval()
+    steps = recorded_steps(monkeypatch)
+    out = generate(m, torch.randint(0, 97, (1, 20)), 40, temperature=0)
+    assert [kind for kind, _, _ in steps if kind != "decode_step"] == [20, 16, 16]  # at 33 and 50 tokens
+
+    def start(length):  # where generation's context begins when it picks token number `length`
+        s = 0
+        for t in range(20, length + 1):
+            s = t - 16 if t - s > 32 else s
+        return s
+    for t, (_, _, got), want in zip(range(20, 60), steps, rerun_logits(m, out, 40, start)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert out[0, t] == want.argmax()
 
 
 def lora_pair(**kw):

@@ -10,6 +10,7 @@ from conftest import TINY, full_only, run_script
 from generate import generate
 from model import GPT, GPTConfig
 from sizing import flops_per_token, layer_shares, param_counts
+from test_model import recorded_steps, rerun_logits
 
 
 def cfg(**kw):
@@ -114,10 +115,20 @@ def test_eval_decides_causally_and_top_k_reads_the_future():
         assert not torch.equal(m(a, a, mor_topk=True)[0][:, :25], m(b, b, mor_topk=True)[0][:, :25])
 
 
-def test_kv_cache_generation_of_a_routed_model_equals_rerunning_the_context():
-    m = routed(1)
+def assert_cached_generation_equals_rerunning_the_context(m, monkeypatch):
+    """Greedy tokens and each step's logits (within 1e-5) of the static cache, recursion-wise (a shared block keeps
+    each use's keys, flagged active or not at that depth), equal rerunning the context; past the window of 8."""
     prompt = torch.randint(0, 97, (2, 20))
-    assert torch.equal(generate(m, prompt, 25, temperature=0), generate(m, prompt, 25, temperature=0, use_cache=False))
+    steps = recorded_steps(monkeypatch)
+    out = generate(m, prompt, 25, temperature=0)
+    assert torch.equal(out, generate(m, prompt, 25, temperature=0, use_cache=False))
+    for (_, _, got), want in zip(steps, rerun_logits(m, out, 25)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(steps) == 25 and len(steps[0][1]) == len(m.plan) and all(c.active is not None for c in steps[0][1])
+
+
+def test_kv_cache_generation_of_a_routed_model_equals_rerunning_the_context(monkeypatch):
+    assert_cached_generation_equals_rerunning_the_context(routed(1), monkeypatch)
 
 
 def token_routed(seed=0):
@@ -190,10 +201,8 @@ def test_token_choice_is_causal_and_training_equals_eval():
     assert m.mor_router.weight.grad.abs().sum() > 0 and all(p.grad is not None for p in m.layers.parameters() if p.requires_grad)
 
 
-def test_kv_cache_generation_of_a_token_routed_model_equals_rerunning_the_context():
-    m = token_routed(3).eval()
-    prompt = torch.randint(0, 97, (2, 20))
-    assert torch.equal(generate(m, prompt, 25, temperature=0), generate(m, prompt, 25, temperature=0, use_cache=False))
+def test_kv_cache_generation_of_a_token_routed_model_equals_rerunning_the_context(monkeypatch):
+    assert_cached_generation_equals_rerunning_the_context(token_routed(3).eval(), monkeypatch)
 
 
 def test_flops_and_memory_count_the_capacities():
