@@ -189,10 +189,15 @@ def next_token(logits, context, allowed=None, generator=None, temperature=1.0, *
     [vocab] (bool) leaves out; greedy at temperature 0, else drawn (with generator) from process_logits' scores."""
     if allowed is not None:
         logits = logits.masked_fill(~allowed, -float("inf"))
-    logits = process_logits(logits, context, temperature, **controls)
+    scores = process_logits(logits, context, temperature, **controls)
     if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    return torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)
+        return scores.argmax(dim=-1, keepdim=True)
+    # a tiny temperature or penalty (1e-45) overflows scores to inf, whose softmax is NaN; in a row where one did, the
+    # limit of a shrinking temperature: the likeliest of those (they were divided alike, so their order is the logits')
+    over = torch.isposinf(scores)
+    likeliest = logits.masked_fill(~over, -float("inf")).argmax(dim=-1, keepdim=True)
+    scores = torch.where(over.any(dim=-1, keepdim=True), torch.full_like(scores, -float("inf")).scatter(1, likeliest, 0.0), scores)
+    return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator)
 
 
 class Stops:

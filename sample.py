@@ -95,7 +95,7 @@ def main():
     if compile:
         compile_decode(model)
 
-    head = "" if chat else enc.decode(ids)  # plain text comes after its prompt; a chat's answer alone
+    head = "" if chat else prompt  # plain text comes after its prompt (an empty one starts at end-of-text, not shown)
     streaming = stream and num_samples == 1
     if streaming:
         print(head, end="", flush=True)

@@ -127,6 +127,9 @@ def test_greedy_takes_the_penalised_likeliest_and_the_allowed_mask_still_holds()
     for top_p, min_p in ((0.01, 0.0), (1.0, 0.95)):  # cuts that keep only the likeliest allowed id: p(1) / p(0) = 0.905
         g = torch.Generator().manual_seed(0)
         assert {next_token(logits, context, allowed, g, top_p=top_p, min_p=min_p).item() for _ in range(20)} == {0}
+    g = torch.Generator().manual_seed(0)  # scores that overflow to inf: the limit, the likeliest of them (no NaN)
+    assert next_token(logits, context, allowed, g, temperature=1e-45).item() == 0  # 0, 1 and 2 overflow
+    assert next_token(logits, torch.tensor([[1, 2]]), allowed, g, repetition_penalty=1e-45).item() == 1  # 1 and 2 do
 
 
 def test_sampling_controls_out_of_range_are_refused_in_one_line(tmp_path):
@@ -249,6 +252,8 @@ def test_plain_sampling_ends_at_end_of_text_unless_told_to_go_on(tmp_path):
     assert r.stdout == "The function\n---------------\n" and "1 x 1 tokens" in r.stderr
     r = run_script("sample.py", f"--out_dir={out}", "--start=The function", "--stop_at_eot=False", "--max_new_tokens=3")
     assert r.stdout == "The function" + "<|endoftext|>" * 3 + "\n---------------\n" and "1 x 3 tokens" in r.stderr
+    r = run_script("sample.py", f"--out_dir={out}", "--start=", "--stop_at_eot=False", "--max_new_tokens=1", "--stream=False")
+    assert r.stdout == "<|endoftext|>\n---------------\n", r.stdout  # an empty prompt is end-of-text, not shown as text
 
 
 def test_sample_py_stops_at_a_stop_string_and_streams_the_text_it_prints_at_the_end(tmp_path):
