@@ -185,12 +185,11 @@ def apply_rope(x, cos, sin):
     return Rope.apply(x if x.element_size() >= 4 else x.float(), cos, sin).to(x.dtype)
 
 
-def attention(q, k, v, sinks, window, causal=True, mask=None):
+def attention(q, k, v, sinks, window, mask=None):
     """Causal softmax attention, optional window, per-head sinks: SDPA's fused kernels (compiled CUDA: flex_attention_sinks).
     q: [B, T, H, D]; k, v: [B, S, Hkv, D], H a multiple of Hkv (GQA: SDPA's enable_gqa shares each kv head, no
     copies); sinks: [H] or None; window: int or None. Returns [B, T, H, D]. The [B, T, heads, D] layout is the
-    projections' own: SDPA reads its transpose as a strided view. causal=False: every query sees every key (one
-    new token against a KV cache that holds only what it may see).
+    projections' own: SDPA reads its transpose as a strided view (one token against the KV cache: generate.py).
     A sink is an extra logit in the softmax that takes probability mass and adds no value. SDPA has no such
     input, so it becomes a real key: it holds a 1 in an extra channel where real keys hold 0, and each query
     holds its head's sink / scale there, so their product is the sink logit; its value is zero. One sink key
@@ -201,11 +200,11 @@ def attention(q, k, v, sinks, window, causal=True, mask=None):
     B, T, H, D = q.shape
     scale = 1.0 / math.sqrt(D)
     gqa = k.shape[2] != H
-    if mask is None and causal and k.shape[1] == T and q.is_cuda and torch.compiler.is_compiling():
+    if mask is None and k.shape[1] == T and q.is_cuda and torch.compiler.is_compiling():
         return flex_attention_sinks(q, k, v, sinks, window, scale, gqa)  # FlexAttention is fast only compiled
-    if mask is None and causal and window is not None and window < T:
+    if mask is None and window is not None and window < T:
         return sliding_attention(q, k, v, sinks, window, scale)
-    causal = causal and mask is None  # a given mask [B, T, S] says who sees whom instead (MoR: positions, active keys)
+    causal = mask is None  # a given mask [B, T, S] says who sees whom instead (MoR: positions, active keys)
     if sinks is None:
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
                                            attn_mask=None if mask is None else mask[:, None], scale=scale, enable_gqa=gqa)
