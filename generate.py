@@ -63,7 +63,8 @@ class KVCache:
         head_dim] (and active [B, 1]) are written at self.pos: the slots filled so far (a ring holds only its window),
         of these the keys active at this depth, and always its own. The same shapes at every position. Returns
         [B, 1, n_head, head_dim]."""
-        H = q.shape[2]
+        B, _, H, D = q.shape
+        Hkv = self.k.shape[1]
         slot = self.pos % len(self.ids)
         self.keys.index_copy_(2, slot, k.transpose(1, 2))
         self.values.index_copy_(2, slot, v.transpose(1, 2))
@@ -73,10 +74,13 @@ class KVCache:
             seen = (seen & self.active) | (self.ids == slot)
         bias = torch.where(seen, 0.0, float("-inf")).to(q.dtype)[:, None, None, :]
         if sinks is not None:  # an extra logit that takes probability mass and adds no value: a bias on the zero key
-            bias = torch.cat([sinks.to(q.dtype).view(1, H, 1, 1).expand(len(bias), H, 1, 1), bias.expand(-1, H, 1, -1)], -1)
+            bias = torch.cat([sinks.to(q.dtype).view(1, Hkv, H // Hkv, 1).expand(len(bias), -1, -1, 1),
+                              bias.expand(-1, Hkv, H // Hkv, -1)], dim=-1)
+        # one query per head: the heads that share a key/value head are its rows of queries, plain attention (SDPA's GQA
+        # broadcast runs on none of CUDA's kernels once there is a mask: it would fall back to the math path)
         with decode_kernels(q.device):
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), self.k, self.v, attn_mask=bias, enable_gqa=H != self.k.shape[1])
-        return y.transpose(1, 2)
+            y = F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), self.k, self.v, attn_mask=bias)
+        return y.view(B, 1, H, D)
 
 
 def new_cache(model, B, length):

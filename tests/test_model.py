@@ -361,15 +361,17 @@ def rerun_logits(model, tokens, n, start=lambda length: 0):
         return [model(tokens[:, start(t):t])[0][:, -1] for t in range(tokens.shape[1] - n, tokens.shape[1])]
 
 
-def test_static_kv_cache_generates_the_tokens_and_logits_of_rerunning_the_context(monkeypatch):
-    """A prompt longer than the sliding window, sinks on and non-zero: greedy decoding with the static cache equals
+@pytest.mark.parametrize("sinks", [True, False])
+def test_static_kv_cache_generates_the_tokens_and_logits_of_rerunning_the_context(monkeypatch, sinks):
+    """A prompt longer than the sliding window, sinks non-zero (or none): greedy decoding with the static cache equals
     rerunning the whole context each step, token for token, and each step's logits agree within 1e-5. The cache is
     allocated once: the full layers' buffers hold the whole text, the sliding layers' only their window (a ring)."""
     torch.manual_seed(0)
-    m = GPT(tiny(block_size=128, sliding_window=8, n_layer=4)).eval()
+    m = GPT(tiny(block_size=128, sliding_window=8, n_layer=4, sinks=sinks)).eval()
     with torch.no_grad():
         for b in m.layers:
-            b.self_attn.sinks.normal_(0, 1.0)
+            if sinks:
+                b.self_attn.sinks.normal_(0, 1.0)
     prompt = torch.randint(0, 97, (2, 30))
     steps = recorded_steps(monkeypatch)
     cached = generate(m, prompt, 40, temperature=0)
