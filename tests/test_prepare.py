@@ -196,12 +196,19 @@ def test_input_that_is_not_utf8_is_one_line_naming_file_and_line_or_is_replaced(
     assert text.endswith("<|endoftext|>caf\ufffd<|endoftext|>Crème brûlée\nun caf\ufffd cr\ufffdme\n")
 
 
+def child_of_a_terminal():
+    """A command typed at a terminal starts with Ctrl-C at its default (a test before may have left this process
+    ignoring SIGINT, which a child inherits: it then ran to the end), and here at nice 19, so that on a loaded machine
+    the loop below sees the first shard before the child has finished them all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.nice(19)
+
+
 def interrupt_after_first_shard(cmd, out):
     """Start prepare_fineweb.py in its own process group and press Ctrl-C, as a terminal does (SIGINT to the whole
-    group: the main process and its workers), once its first shard is finished. -> (exit code, stderr). The child runs
-    at nice 19: on a loaded machine it finished all its shards before this loop got the CPU to see the first one."""
+    group: the main process and its workers), once its first shard is finished. -> (exit code, stderr)"""
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         preexec_fn=lambda: os.nice(19))
+                         preexec_fn=child_of_a_terminal)
     state, deadline = os.path.join(out, "prepare_state.json"), time.time() + 120
     while p.poll() is None and not os.path.exists(state) and time.time() < deadline:
         time.sleep(0.005)
