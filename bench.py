@@ -199,7 +199,7 @@ def peak_memory_gb(dev):
 
 def main():
     from configurator import check_device, configure
-    from devices import compile_blocks, peak_flops, pick_device, pick_dtype, set_tf32
+    from devices import peak_flops, pick_device, pick_dtype, set_tf32
     from model import _flex_masks
     from sizing import flops_per_token, param_counts
 

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from generate import generate
 from model import GPT, GPTConfig, MoE, attention, rope_tables, swiglu

@@ -1,7 +1,6 @@
 """Mixture-of-Recursions (model.GPTConfig's n_recursion, recursion_sharing, mor_router): shared blocks equal an
 unrolled model with tied weights; expert-choice routing keeps exact capacities, selects hierarchically and leaves
 unselected tokens alone; eval decides causally; the KV cache stays exact; train.py trains, stops and resumes it."""
-import copy
 
 import pytest
 import torch
